@@ -1,0 +1,21 @@
+"""int8 quantization for PyTorch Lightning: PTQ and QAT callbacks built on torchao's PT2E flow."""
+
+from lightning_quant.capture import CaptureError
+from lightning_quant.config import QuantConfig
+from lightning_quant.export import ArtifactError, QuantizedArtifact, load, save
+from lightning_quant.ptq import PTQCallback
+from lightning_quant.quantize import quantize_ptq
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ArtifactError",
+    "CaptureError",
+    "PTQCallback",
+    "QuantConfig",
+    "QuantizedArtifact",
+    "__version__",
+    "load",
+    "quantize_ptq",
+    "save",
+]

@@ -1,0 +1,134 @@
+"""Running the user's own ``validation_step`` over some batches, with other submodules swapped in.
+
+Calibration and int8 evaluation both go through a short-lived inner ``Trainer`` (CPU, one device, no logger, no
+checkpointing), so that the user's step code, torchmetrics metrics and Lightning's progress bar all work as usual,
+while the outer Trainer's state, loggers and callbacks are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_quant.capture import swapped
+
+
+def has_validation_step(pl_module: pl.LightningModule) -> bool:
+    return is_overridden("validation_step", pl_module)
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first dataloader of what ``trainer.val_dataloaders``/``train_dataloader`` hold (a loader, list or dict)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    inner = getattr(loaders, "iterables", None)  # CombinedLoader
+    if inner is not None and inner is not loaders:
+        return first_loader(inner)
+    return loaders
+
+
+def loader_length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def batches_for(loader: Any, num_samples: int) -> int:
+    """How many batches of ``loader`` hold at least ``num_samples`` samples (capped at the loader's length)."""
+    batch_size = getattr(loader, "batch_size", None)
+    if not batch_size:
+        batch_size = extract_batch_size(next(iter(loader)))
+    n = math.ceil(num_samples / max(1, batch_size))
+    length = loader_length(loader)
+    return min(n, length) if length is not None else n
+
+
+def _progress_bar(outer: pl.Trainer) -> list[pl.Callback]:
+    bar = outer.progress_bar_callback
+    if bar is None:
+        return []
+    try:
+        return [type(bar)()]
+    except TypeError:
+        return [TQDMProgressBar()]
+
+
+@contextlib.contextmanager
+def _quiet_inner_trainer() -> Iterator[None]:
+    """The inner Trainer's banners ("GPU available", tips, limit notices) and loader-shuffle warnings are noise here."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*shuffling enabled.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def run_validation(
+    outer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    loader: Any,
+    replacements: dict[str, nn.Module] | None = None,
+    limit_batches: int | float = 1.0,
+) -> dict[str, float]:
+    """Run ``pl_module.validation_step`` over ``loader`` on CPU with ``replacements`` swapped in; return its metrics.
+
+    The LightningModule ends where it started: same submodules, same device, attached to ``outer``.
+    """
+    with _quiet_inner_trainer():
+        return _run_validation(outer, pl_module, loader, replacements, limit_batches)
+
+
+def _run_validation(
+    outer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    loader: Any,
+    replacements: dict[str, nn.Module] | None,
+    limit_batches: int | float,
+) -> dict[str, float]:
+    inner = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=_progress_bar(outer),
+        enable_progress_bar=outer.progress_bar_callback is not None,
+        limit_val_batches=limit_batches,
+        num_sanity_val_steps=0,
+        inference_mode=False,  # observers write to their buffers in place
+        default_root_dir=outer.default_root_dir,
+    )
+    device = pl_module.device
+    was_training = pl_module.training
+    try:
+        with swapped(pl_module, replacements or {}):
+            results = inner.validate(pl_module, dataloaders=loader, verbose=False)
+    finally:
+        pl_module.trainer = outer
+        pl_module.to(device)
+        pl_module.train(was_training)
+    metrics = results[0] if results else {}
+    return {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,148 @@
+"""After conversion, shared by both callbacks: export each int8 submodule, reload it and check parity, evaluate it with
+the user's own ``validation_step``, log ``*_int8`` metrics, and print the fp32-vs-int8 summary table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from lightning_quant import export
+from lightning_quant._loop import first_loader, has_validation_step, run_validation
+from lightning_quant.capture import SELF, get_submodule
+from lightning_quant.config import BACKENDS
+from lightning_quant.quantize import META_KEY
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run produced and measured (also written into each artifact's sidecar)."""
+
+    method: str
+    backend: str
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    parity_max_abs_diff: dict[str, float] = field(default_factory=dict)
+    size_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (fp32, int8)
+    latency_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (fp32, int8)
+    batch_size: dict[str, int] = field(default_factory=dict)
+    metrics_fp32: dict[str, float] = field(default_factory=dict)
+    metrics_int8: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        title = f"lightning-quant {self.method} summary ({self.backend}, {BACKENDS[self.backend].suffix})"
+        rows = [("", "fp32", "int8", "delta / ratio")]
+        for k, v in self.metrics_fp32.items():
+            q = self.metrics_int8.get(k)
+            rows.append((k, f"{v:.4f}", "-" if q is None else f"{q:.4f}", "-" if q is None else f"{q - v:+.4f}"))
+        for name, (f, q) in self.size_bytes.items():
+            rows.append((f"size {name}", _kib(f), _kib(q), f"{q / f:.2f}x"))
+        for name, (f, q) in self.latency_ms.items():
+            rows.append(
+                (f"latency {name} (batch {self.batch_size.get(name)})", f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x faster")
+            )
+        for name, d in self.parity_max_abs_diff.items():
+            rows.append((f"reload parity {name}", "", f"{d:.2e}", "max |diff|"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [title] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [f"artifact {name}: {p}" for name, p in self.artifacts.items()]
+        return "\n".join(lines)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    la = [x for x in tree_flatten(a)[0] if isinstance(x, torch.Tensor)]
+    lb = [x for x in tree_flatten(b)[0] if isinstance(x, torch.Tensor)]
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb)), default=0.0)
+
+
+def median_ms(fn: Any, *args: Any, repeats: int = 10, **kwargs: Any) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            fn(*args, **kwargs)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(*args, **kwargs)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def artifact_stem(pl_module: nn.Module, name: str) -> str:
+    return type(pl_module).__name__ if name == SELF else name
+
+
+def finish(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    quantized: dict[str, torch.fx.GraphModule],
+    *,
+    method: str,
+    backend: str,
+    dirpath: Path,
+    metric_suffix: str = "_int8",
+    evaluate: bool = True,
+    fp32_reference: dict[str, nn.Module] | None = None,
+) -> QuantReport:
+    """Export, reload, check, evaluate and report ``quantized`` (name -> converted graph).
+
+    Args:
+        fp32_reference: modules to time as the fp32 baseline (default: the LightningModule's float submodules).
+    """
+    report = QuantReport(method=method, backend=backend)
+    loaded: dict[str, nn.Module] = {}
+    suffix = BACKENDS[backend].suffix
+    for name, q in quantized.items():
+        path = dirpath / f"{artifact_stem(pl_module, name)}_int8{suffix}"
+        export.save(q, path, metadata={"method": method})
+        art = export.load(path, backend=backend)
+        args, kwargs = q.meta[META_KEY]["example_inputs"]
+        with torch.no_grad():
+            diff = _max_abs_diff(art(*args, **kwargs), q(*args, **kwargs))
+        float_module = (fp32_reference or {}).get(name) or get_submodule(pl_module, name)
+        was_training = float_module.training
+        float_module.eval()
+        try:
+            fp32_ms = median_ms(float_module, *args, **kwargs)
+        finally:
+            float_module.train(was_training)
+        int8_ms = median_ms(art, *args, **kwargs)
+        report.artifacts[name] = path
+        report.parity_max_abs_diff[name] = diff
+        report.size_bytes[name] = (export.float_size_bytes(float_module), path.stat().st_size)
+        report.latency_ms[name] = (fp32_ms, int8_ms)
+        report.batch_size[name] = next(
+            (x.shape[0] for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor) and x.ndim), 1
+        )
+        loaded[name] = art
+
+    val_loader = first_loader(trainer.val_dataloaders)
+    if evaluate and val_loader is not None and has_validation_step(pl_module):
+        report.metrics_fp32 = run_validation(trainer, pl_module, val_loader, fp32_reference)
+        report.metrics_int8 = run_validation(trainer, pl_module, val_loader, loaded)
+        logged = {f"{k}{metric_suffix}": v for k, v in report.metrics_int8.items()}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+            logger.save()
+
+    for name, path in report.artifacts.items():
+        export.update_sidecar(
+            path,
+            metrics={"fp32": report.metrics_fp32, "int8": report.metrics_int8},
+            parity_max_abs_diff=report.parity_max_abs_diff[name],
+            fp32_size_bytes=report.size_bytes[name][0],
+            latency_ms={"fp32": report.latency_ms[name][0], "int8": report.latency_ms[name][1]},
+        )
+    rank_zero_info(report.table())
+    return report

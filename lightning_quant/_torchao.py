@@ -1,0 +1,196 @@
+"""The only module that imports torchao or executorch.
+
+Their APIs move fast; every other module goes through the small functions here. Imports are lazy so that
+``import lightning_quant`` stays cheap and ``backend="x86"`` never needs executorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.config import BACKENDS
+
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    """torchao logs a warning per optional CUDA kernel library it cannot load on a CPU build; hide that noise."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@functools.cache
+def _pt2e() -> Any:
+    with _quiet_import():
+        import torchao.quantization.pt2e as pt2e
+        import torchao.quantization.pt2e.observer  # noqa: F401
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    return pt2e
+
+
+def executorch_available() -> bool:
+    try:
+        import executorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_executorch(backend: str = "arm") -> None:
+    """Raise a clear error naming the extra to install when executorch is missing."""
+    if not executorch_available():
+        raise ModuleNotFoundError(
+            f"`backend={backend!r}` exports an ExecuTorch `.pte` lowered to XNNPACK and needs the `executorch` "
+            'package. Install it with `pip install "lightning-quant[arm]"`, or use backend="x86".'
+        )
+
+
+def register_quantized_ops() -> None:
+    """Register the ``quantized_decomposed`` ops that int8 PT2E programs use (needed to load a plain ``.pt2``)."""
+    _pt2e()
+
+
+# --------------------------------------------------------------------------------------------------- quantizers
+
+
+def _observer_ctor(observer: str) -> Any:
+    obs = _pt2e().observer
+    return {
+        "histogram": obs.HistogramObserver,
+        "minmax": obs.MinMaxObserver,
+        "moving_average": obs.MovingAverageMinMaxObserver,
+    }[observer]
+
+
+def _with_activation_observer(qconfig: Any, observer: str) -> Any:
+    """Return ``qconfig`` with its activation observer replaced (PTQ only; QAT keeps its fake-quant recipe)."""
+    ctor = _observer_ctor(observer)
+
+    def swap(spec: Any) -> Any:
+        if spec is None:
+            return None
+        kwargs = dict(getattr(spec.observer_or_fake_quant_ctr, "p", None).keywords or {})
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=ctor.with_args(**kwargs))
+
+    return dataclasses.replace(
+        qconfig, input_activation=swap(qconfig.input_activation), output_activation=swap(qconfig.output_activation)
+    )
+
+
+def get_quantizer(backend: str, *, is_qat: bool = False, observer: str | None = None) -> Any:
+    """Build the PT2E quantizer for ``backend`` ("x86" or "arm").
+
+    x86: torchao's ``X86InductorQuantizer`` (per-channel int8 weights, uint8 activations).
+    arm: ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric int8 weights, int8 activations).
+    """
+    if backend == "x86":
+        xiq = _pt2e().quantizer.x86_inductor_quantizer
+        qconfig = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+        if observer and not is_qat:
+            qconfig = _with_activation_observer(qconfig, observer)
+        return xiq.X86InductorQuantizer().set_global(qconfig)
+    if backend == "arm":
+        require_executorch(backend)
+        _pt2e()
+        with _quiet_import():
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+        qconfig = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+        if observer and not is_qat:
+            qconfig = _with_activation_observer(qconfig, observer)
+        return XNNPACKQuantizer().set_global(qconfig)
+    raise ValueError(f"Expected argument `backend` to be one of {list(BACKENDS)}, but got {backend!r}.")
+
+
+def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:
+    q = _pt2e().quantize_pt2e
+    return q.prepare_qat_pt2e(gm, quantizer) if is_qat else q.prepare_pt2e(gm, quantizer)
+
+
+def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``convert_pt2e``; it mutates its input in place, so callers pass a copy they own."""
+    return _pt2e().quantize_pt2e.convert_pt2e(prepared)
+
+
+def is_observer(module: nn.Module) -> bool:
+    pt2e = _pt2e()
+    return isinstance(module, (pt2e.ObserverBase, pt2e.FakeQuantizeBase))
+
+
+def count_observers(gm: nn.Module) -> int:
+    return sum(is_observer(m) for m in gm.modules())
+
+
+def allow_train_eval(gm: torch.fx.GraphModule) -> None:
+    """Let ``.train()``/``.eval()`` pass over a prepared graph (its literals are handled separately)."""
+    _pt2e().allow_exported_model_train_eval(gm)
+
+
+# ------------------------------------------------------------------------------------------------------ executorch
+
+
+def lower_to_executorch(ep: torch.export.ExportedProgram) -> tuple[bytes, list[str]]:
+    """Lower an int8 exported program to an XNNPACK-delegated ExecuTorch program.
+
+    Returns:
+        The ``.pte`` bytes and the names of the ops left outside the XNNPACK delegate (empty when fully delegated).
+    """
+    require_executorch()
+    with _quiet_import():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    _restore_dim_ranges(edge, ep)
+    names = (getattr(n.target, "__name__", str(n.target)) for n in edge.exported_program().graph.nodes if n.op == "call_function")
+    undelegated = sorted({n for n in names if n not in ("executorch_call_delegate", "getitem", "sym_size.int")})
+    return edge.to_executorch().buffer, undelegated
+
+
+def _restore_dim_ranges(edge: Any, ep: torch.export.ExportedProgram) -> None:
+    """Undo a batch-range shrink that XNNPACK lowering causes (executorch 1.5).
+
+    Its channels-last pass re-runs fake convolutions, whose backend choice guards on ``batch < 16``; the guard narrows
+    the batch symbol to [2, 15] (or [16, max]) and memory planning then sizes buffers for 15, so any larger batch
+    fails at run time. Restoring the exported upper bound before ``to_executorch()`` plans for ``max_batch_size``.
+    """
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    original = ep.range_constraints
+    for node in edge.exported_program().graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d in val.shape:
+            if isinstance(d, torch.SymInt):
+                env = d.node.shape_env
+                for sym, vr in list(env.var_to_range.items()):
+                    if sym in original:
+                        env.var_to_range[sym] = ValueRanges(vr.lower, original[sym].upper)
+
+
+def load_executorch_method(path: str) -> Any:
+    """Load the ``forward`` method of a ``.pte`` file with the ExecuTorch runtime (XNNPACK kernels registered)."""
+    require_executorch()
+    with _quiet_import():
+        from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path)
+    return program.load_method("forward")

@@ -1,0 +1,252 @@
+"""Which submodules to quantize, and capturing them with ``torch.export`` from the inputs they really receive.
+
+No Lightning import here: a "root" is any ``nn.Module`` (a LightningModule in practice).
+
+Two layouts are supported without touching model code:
+
+* the network lives in attributes (``self.model``, or ``self.backbone`` + ``self.head``): each such child is a target
+  and is replaced, as a whole, by a module with the same call signature;
+* layers sit directly on the root and are used by its ``forward`` (Lightning's own examples): the target is ``"self"``
+  and the root's ``forward`` is captured with its exact signature (positional args and kwargs).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils._pytree import tree_flatten, tree_map
+
+SELF = "self"
+#: layer types the PT2E quantizers turn into int8 kernels
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
+
+
+class CaptureError(RuntimeError):
+    """``torch.export`` could not capture a submodule chosen for quantization."""
+
+
+def _is_metric_or_loss(module: nn.Module) -> bool:
+    names = {c.__module__.split(".")[0] for c in type(module).__mro__}
+    return "torchmetrics" in names or isinstance(module, nn.modules.loss._Loss)
+
+
+def has_quantizable_layers(module: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZABLE) for m in module.modules())
+
+
+def overrides_forward(root: nn.Module) -> bool:
+    """Whether ``type(root)`` defines its own ``forward`` (``nn.Module``'s raises ``NotImplementedError``)."""
+    for cls in type(root).__mro__:
+        if "forward" in cls.__dict__:
+            return cls.__module__.split(".")[0] not in ("torch", "lightning", "pytorch_lightning")
+    return False
+
+
+def default_targets(root: nn.Module) -> tuple[str, ...]:
+    """Pick what a user would expect to be quantized.
+
+    * Layers defined directly on ``root`` (a Conv/Linear child) -> ``("self",)``: the root's ``forward``.
+    * Otherwise every direct child holding Conv/Linear layers (metrics and losses excluded), e.g. ``("model",)`` or
+      ``("backbone", "head")``.
+    """
+    children = [(n, c) for n, c in root.named_children() if not _is_metric_or_loss(c)]
+    if any(isinstance(c, QUANTIZABLE) for _, c in children):
+        return (SELF,)
+    found = tuple(n for n, c in children if has_quantizable_layers(c))
+    if not found:
+        raise ValueError(
+            f"`{type(root).__name__}` has no quantizable layers (Conv1d/2d/3d, ConvTranspose2d or Linear) in its "
+            "children, so int8 quantization has nothing to do. Pass `modules=[...]` naming the submodule that holds "
+            "them."
+        )
+    return found
+
+
+def get_submodule(root: nn.Module, name: str) -> nn.Module:
+    return root if name == SELF else root.get_submodule(name)
+
+
+def resolve_targets(root: nn.Module, modules: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Validate ``modules=`` against ``root`` (suggesting close names) or pick the default targets.
+
+    Raises:
+        ValueError: for a missing submodule, a target with no quantizable layers, or ``"self"`` without a forward.
+    """
+    if modules is None:
+        targets = default_targets(root)
+    else:
+        targets = modules
+        known = [n for n, _ in root.named_modules() if n]
+        for name in targets:
+            if name == SELF:
+                continue
+            try:
+                root.get_submodule(name)
+            except AttributeError:
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+                hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+                top = ", ".join(repr(n) for n, _ in root.named_children())
+                raise ValueError(
+                    f"Expected argument `modules` to name submodules of `{type(root).__name__}`, but {name!r} does not "
+                    f"exist.{hint} Its children are: {top} (or 'self' for its own forward)."
+                ) from None
+    for name in targets:
+        module = get_submodule(root, name)
+        if name == SELF and not overrides_forward(root):
+            raise ValueError(
+                f"Expected argument `modules` to name a submodule, but 'self' was chosen and `{type(root).__name__}` "
+                "defines no `forward`. Define `forward`, or name the submodules your `training_step` calls."
+            )
+        if not has_quantizable_layers(module):
+            raise ValueError(
+                f"Expected argument `modules` to name submodules with quantizable layers, but {name!r} "
+                f"({type(module).__name__}) has no Conv/Linear layer. Name the submodule that holds them."
+            )
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ swapping in/out
+
+
+class _RoutedForward:
+    """Instance-level ``forward`` of the root that calls a replacement module with the caller's args and kwargs.
+
+    A class (not a closure) so that the root stays picklable.
+    """
+
+    def __init__(self, root: nn.Module, attr: str) -> None:
+        self.root_ref = root
+        self.attr = attr
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.root_ref, self.attr)(*args, **kwargs)
+
+
+_ROUTE_ATTR = "_lightning_quant_forward"
+
+
+@contextmanager
+def swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily put ``replacements`` in place of the named submodules of ``root``; always restores the originals.
+
+    For ``"self"`` the replacement is registered as a child and the root's ``forward`` is routed to it; the root's
+    class and its ``forward`` are untouched, and the routing is removed on exit.
+    """
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, new in replacements.items():
+            if name == SELF:
+                root.add_module(_ROUTE_ATTR, new)
+                root.__dict__["forward"] = _RoutedForward(root, _ROUTE_ATTR)
+            else:
+                originals[name] = root.get_submodule(name)
+                _set_submodule(root, name, new)
+        yield
+    finally:
+        for name, old in originals.items():
+            _set_submodule(root, name, old)
+        if SELF in replacements:
+            root.__dict__.pop("forward", None)
+            root._modules.pop(_ROUTE_ATTR, None)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+# ------------------------------------------------------------------------------------------------------- capture
+
+
+def batch_size_of(args: Any) -> int | None:
+    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor) and x.ndim > 0]
+    return leaves[0].shape[0] if leaves else None
+
+
+def _batched(x: Any, batch: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch
+
+
+def dynamic_shapes_for(args: tuple, kwargs: dict, max_batch_size: int) -> tuple[Any, Any]:
+    """One shared dynamic ``batch`` dim for dim 0 of every tensor whose dim 0 is the batch size; the rest static."""
+    batch = batch_size_of((args, kwargs))
+    dim = Dim("batch", min=1, max=max_batch_size)
+
+    def spec(x: Any) -> Any:
+        return {0: dim} if batch is not None and _batched(x, batch) else None
+
+    return tree_map(spec, args), tree_map(spec, kwargs)
+
+
+def widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A batch of 1 makes export specialise the batch dim to 1; repeat such an example to a batch of 2."""
+    batch = batch_size_of((args, kwargs))
+    if batch != 1:
+        return args, kwargs
+
+    def widen(x: Any) -> Any:
+        return torch.cat([x, x]) if _batched(x, 1) else x
+
+    return tree_map(widen, args), tree_map(widen, kwargs)
+
+
+def detach_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def det(x: Any) -> Any:
+        return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+    return tree_map(det, args), tree_map(det, kwargs)
+
+
+def export(
+    module: nn.Module, args: tuple, kwargs: dict, *, max_batch_size: int, name: str, strict: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dim; failures become a :class:`CaptureError` naming ``name``."""
+    args, kwargs = widen_batch(args, kwargs)
+    dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
+    try:
+        if isinstance(module, torch.fx.GraphModule) or not hasattr(module, "forward"):
+            dynamic: Any = (dyn_args, dyn_kwargs) if kwargs else dyn_args
+        else:
+            dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
+    except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"torch.export could not capture {name!r} ({type(module).__name__}) for quantization: "
+            f"{type(err).__name__}: {reason[:500]}. Make its forward traceable (no data-dependent Python control flow, "
+            "no unsupported Python objects), or choose other submodules with `modules=[...]`."
+        ) from err
+
+
+def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:
+    """``dynamic_shapes`` keyed by forward's parameter names (what torch.export expects when kwargs are given)."""
+    import inspect
+
+    if not dyn_kwargs:
+        return dyn_args
+    params = list(inspect.signature(module.forward).parameters.values())
+    out: dict[str, Any] = {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_pos = next((p for p in params if p.kind == p.VAR_POSITIONAL), None)
+    for i, spec in enumerate(dyn_args):
+        if i < len(positional):
+            out[positional[i].name] = spec
+        elif var_pos is not None:
+            out.setdefault(var_pos.name, []).append(spec)
+    var_kw = next((p for p in params if p.kind == p.VAR_KEYWORD), None)
+    named = {p.name for p in params}
+    for k, spec in dyn_kwargs.items():
+        if k in named:
+            out[k] = spec
+        elif var_kw is not None:
+            out.setdefault(var_kw.name, {})[k] = spec
+    if var_pos is not None and var_pos.name in out:
+        out[var_pos.name] = tuple(out[var_pos.name])
+    return out

@@ -1,0 +1,168 @@
+"""What to quantize: backends, observers and the validated configuration shared by the callbacks.
+
+Everything here is a plain value (strings, ints, lists) so that LightningCLI YAML can set every field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deployment target: the quantizer recipe and the artifact it produces.
+
+    Args:
+        name: canonical name (``"x86"`` or ``"arm"``).
+        aliases: other accepted spellings, e.g. the legacy engine names.
+        suffix: file suffix of the exported artifact.
+        artifact: a human description of the artifact.
+        extra: the ``pip install "lightning-quant[extra]"`` needed, if any.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    suffix: str
+    artifact: str
+    extra: str | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    "x86": Backend(
+        name="x86",
+        aliases=("fbgemm", "onednn", "x86_64", "inductor"),
+        suffix=".pt2",
+        artifact="AOTInductor package (int8 oneDNN kernels compiled at export; loads with plain torch)",
+    ),
+    "arm": Backend(
+        name="arm",
+        aliases=("qnnpack", "xnnpack", "executorch", "aarch64"),
+        suffix=".pte",
+        artifact="ExecuTorch program lowered to XNNPACK",
+        extra="arm",
+    ),
+}
+
+OBSERVERS: tuple[str, ...] = ("histogram", "minmax", "moving_average")
+CALIBRATION_DATA: tuple[str, ...] = ("train", "val")
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _expect_choice(name: str, value: Any, choices: Sequence[str], extra: str = "") -> str:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"Expected argument `{name}` to be a string, one of {', '.join(map(repr, choices))}, "
+            f"but got {value!r} of type {type(value).__name__}."
+        )
+    key = value.strip().lower()
+    if key not in choices:
+        raise ValueError(
+            f"Expected argument `{name}` to be one of {', '.join(map(repr, choices))}{extra}, but got {value!r}."
+            + _did_you_mean(key, choices)
+        )
+    return key
+
+
+def resolve_backend(backend: Any) -> Backend:
+    """Map a backend name or alias (``"x86"``, ``"fbgemm"``, ``"arm"``, ``"qnnpack"``, ...) to its :class:`Backend`.
+
+    Raises:
+        TypeError: if ``backend`` is not a string.
+        ValueError: if ``backend`` names no known backend; the message lists the valid names.
+    """
+    table = {b.name: b for b in BACKENDS.values()}
+    for b in BACKENDS.values():
+        table.update({alias: b for alias in b.aliases})
+    aliases = ", ".join(f"{a!r}->{b.name!r}" for a, b in table.items() if a != b.name)
+    key = _expect_choice("backend", backend, list(table), extra=f" (aliases {aliases})")
+    return table[key]
+
+
+def expect_positive_int(name: str, value: Any) -> int:
+    """Validate an integer argument that must be >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected argument `{name}` to be a positive int, but got {value!r} of type {type(value).__name__}.")
+    if value <= 0:
+        raise ValueError(f"Expected argument `{name}` to be a positive int (>= 1), but got {value}.")
+    return value
+
+
+def expect_modules(value: Any) -> tuple[str, ...] | None:
+    """Normalise ``modules=``: ``None`` (pick automatically), a dotted name, or a list of dotted names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(
+            "Expected argument `modules` to be None, a dotted submodule name or a list of them (e.g. ['model'] or "
+            f"['backbone', 'head']), but got {value!r}."
+        )
+    names = tuple(v.strip() for v in value)
+    if not names or any(not n for n in names):
+        raise ValueError(
+            "Expected argument `modules` to name at least one submodule (e.g. 'model', or 'self' for the "
+            f"LightningModule's own forward), but got {value!r}. Use modules=None to pick automatically."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected argument `modules` to name each submodule once, but got {list(names)}.")
+    for a in names:
+        for b in names:
+            if a != b and (a == "self" or b.startswith(a + ".")):
+                raise ValueError(
+                    f"Expected argument `modules` to name disjoint submodules, but {a!r} contains {b!r}. Keep only one."
+                )
+    return names
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The validated, plain-value description of a quantization run.
+
+    Args:
+        backend: ``"x86"`` (aliases ``"fbgemm"``, ``"onednn"``) or ``"arm"`` (aliases ``"qnnpack"``, ``"xnnpack"``).
+        modules: dotted names of the submodules to quantize; ``None`` picks them (see :mod:`lightning_quant.capture`);
+            ``"self"`` is the LightningModule's own ``forward``.
+        observer: activation observer used by PTQ calibration: ``"histogram"`` (default, the x86 recipe's),
+            ``"minmax"`` or ``"moving_average"``.
+        num_calibration_samples: how many samples PTQ calibrates on.
+        calibration_data: ``"train"`` or ``"val"``: which dataloader PTQ calibrates on.
+        max_batch_size: largest batch the exported artifact accepts (the batch dimension is dynamic up to it).
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if an argument is out of range or names nothing known.
+    """
+
+    backend: str = "x86"
+    modules: tuple[str, ...] | None = None
+    observer: str = "histogram"
+    num_calibration_samples: int = 1024
+    calibration_data: str = "train"
+    max_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", resolve_backend(self.backend).name)
+        object.__setattr__(self, "modules", expect_modules(self.modules))
+        object.__setattr__(self, "observer", _expect_choice("observer", self.observer, OBSERVERS))
+        expect_positive_int("num_calibration_samples", self.num_calibration_samples)
+        object.__setattr__(
+            self, "calibration_data", _expect_choice("calibration_data", self.calibration_data, CALIBRATION_DATA)
+        )
+        expect_positive_int("max_batch_size", self.max_batch_size)
+        if self.max_batch_size < 2:
+            raise ValueError(
+                f"Expected argument `max_batch_size` to be >= 2 (the batch dimension is exported as dynamic), "
+                f"but got {self.max_batch_size}."
+            )
+
+    @property
+    def target(self) -> Backend:
+        return BACKENDS[self.backend]

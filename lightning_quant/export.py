@@ -1,0 +1,311 @@
+"""Where an int8 model goes: backend artifacts (``.pt2`` AOTInductor package, ``.pte`` ExecuTorch program), their JSON
+sidecar, atomic writes, and loading them back as ready-to-run modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from lightning_quant import _torchao
+from lightning_quant.capture import export as capture_export
+from lightning_quant.config import BACKENDS, resolve_backend
+from lightning_quant.quantize import META_KEY
+
+SIDECAR_FORMAT = 1
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".json")
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in ("torch", "torchao", "executorch", "lightning", "lightning-quant"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it over ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def float_size_bytes(module: nn.Module) -> int:
+    """Size of ``module``'s float state_dict as ``torch.save`` writes it (the fp32 baseline of size ratios)."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    return buf.tell()
+
+
+def _input_spec(args: tuple, kwargs: dict) -> list[dict[str, Any]]:
+    leaves, _ = tree_flatten((args, kwargs))
+    spec = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            spec.append({"shape": [None, *x.shape[1:]] if x.ndim else [], "dtype": str(x.dtype).replace("torch.", "")})
+        else:
+            spec.append({"constant": repr(x)})
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------- compacting
+
+
+def _compact_aoti_package(path: Path) -> None:
+    """Shrink an AOTInductor package: strip the debug sections of its shared library, drop the generated C++ sources
+    (kept by Inductor for debugging, never read at load), and deflate the archive. Outputs are unchanged; loading
+    reads deflated entries."""
+    strip = shutil.which("strip")
+    tmp = path.with_suffix(path.suffix + ".compact")
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+        for info in zin.infolist():
+            if info.filename.endswith(".cpp"):
+                continue
+            data = zin.read(info.filename)
+            if info.filename.endswith(".so") and strip:
+                with tempfile.TemporaryDirectory() as d:
+                    so = Path(d) / "lib.so"
+                    so.write_bytes(data)
+                    if subprocess.run([strip, "--strip-debug", str(so)], capture_output=True).returncode == 0:
+                        data = so.read_bytes()
+            zout.writestr(info.filename, data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------- saving
+
+
+def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> dict:
+    """Export an int8 model from :func:`~lightning_quant.quantize_ptq` (or a callback) to its backend's artifact.
+
+    ``x86`` writes an AOTInductor package (``.pt2``; oneDNN int8 kernels compiled once, here, for this CPU's ISA;
+    loads with plain ``torch``). ``arm`` writes an ExecuTorch program lowered to XNNPACK (``.pte``). Next to it goes
+    ``<path>.json``: backend, versions, input spec, sha256 and ``metadata``. Both files are written atomically: an
+    error midway leaves any earlier artifact at ``path`` intact.
+
+    Returns:
+        The sidecar dict.
+    """
+    info = getattr(quantized, "meta", {}).get(META_KEY)
+    if not isinstance(quantized, torch.fx.GraphModule) or info is None:
+        raise TypeError(
+            "Expected argument `quantized` to be an int8 model returned by `lightning_quant.quantize_ptq` or a "
+            f"callback's `quantized_model`, but got {type(quantized).__name__}."
+        )
+    backend = BACKENDS[info["backend"]]
+    path = Path(path)
+    if path.suffix != backend.suffix:
+        raise ValueError(
+            f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, but got {str(path)!r}."
+        )
+    args, kwargs = info["example_inputs"]
+    ep = capture_export(quantized, args, kwargs, max_batch_size=info["max_batch_size"], name=info["name"])
+    extra: dict[str, Any] = {}
+    with atomic_path(path) as tmp:
+        if backend.name == "x86":
+            with torch.no_grad():  # Inductor freezes (and so prepacks int8 weights) only with grad off
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={"freezing": True})
+            _compact_aoti_package(tmp)
+        else:
+            data, undelegated = _torchao.lower_to_executorch(ep)
+            tmp.write_bytes(data)
+            extra["undelegated_ops"] = undelegated
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "backend": backend.name,
+        "artifact": backend.artifact,
+        "file": path.name,
+        "sha256": digest,
+        "size_bytes": size,
+        "contains_native_code": backend.name == "x86",
+        "submodule": info["name"],
+        "inputs": _input_spec(args, kwargs),
+        "in_spec": treespec_dumps(ep.call_spec.in_spec),
+        "out_spec": treespec_dumps(ep.call_spec.out_spec),
+        "max_batch_size": info["max_batch_size"],
+        "num_calibration_samples": info.get("num_calibration_samples"),
+        "observer": info.get("observer"),
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": {},
+        **extra,
+        **(metadata or {}),
+    }
+    write_json_atomic(sidecar_path(path), sidecar)
+    return sidecar
+
+
+def update_sidecar(path: str | os.PathLike, **fields: Any) -> dict:
+    """Merge ``fields`` into the sidecar of ``path`` (dict values are merged one level deep)."""
+    sc = sidecar_path(path)
+    data = json.loads(sc.read_text())
+    for k, v in fields.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    write_json_atomic(sc, data)
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+class ArtifactError(RuntimeError):
+    """An artifact or its sidecar is missing, corrupt, or not what was asked for."""
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected argument `path` to be an artifact file, but {str(path)!r} does not exist.")
+    sc = sidecar_path(path)
+    if not sc.is_file():
+        raise ArtifactError(
+            f"The artifact {str(path)!r} has no sidecar {sc.name!r}; lightning-quant writes both side by side. Copy "
+            "the sidecar with the artifact."
+        )
+    try:
+        data = json.loads(sc.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"The sidecar {str(sc)!r} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict) or data.get("backend") not in BACKENDS or "sha256" not in data:
+        raise ArtifactError(f"The sidecar {str(sc)!r} is not a lightning-quant sidecar (no backend/sha256).")
+    return data
+
+
+class QuantizedArtifact(nn.Module):
+    """A loaded int8 artifact, callable like the module it was exported from.
+
+    Checks inputs against the sidecar (dtype, non-batch dims, batch <= ``max_batch_size``) since the compiled runtimes
+    do not.
+    """
+
+    def __init__(self, runner: Any, sidecar: dict, path: Path) -> None:
+        super().__init__()
+        self.runner = runner
+        self.sidecar = sidecar
+        self.path = path
+        self.backend = sidecar["backend"]
+        self._in_spec = treespec_loads(sidecar["in_spec"])
+        self._out_spec = treespec_loads(sidecar["out_spec"])
+
+    def train(self, mode: bool = True) -> QuantizedArtifact:
+        self.training = mode  # a compiled inference program: the flag moves, nothing else
+        return self
+
+    def _check(self, leaves: list[Any]) -> None:
+        spec = self.sidecar["inputs"]
+        if len(leaves) != len(spec):
+            raise ValueError(f"{self.path.name} expects {len(spec)} inputs, but got {len(leaves)}.")
+        for i, (x, s) in enumerate(zip(leaves, spec)):
+            if "shape" not in s:
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{self.path.name}: input {i} must be a Tensor, but got {type(x).__name__}.")
+            shape = list(x.shape)
+            want = s["shape"]
+            if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
+                raise ValueError(f"{self.path.name}: input {i} must have shape {want} (None = batch), got {shape}.")
+            if str(x.dtype).replace("torch.", "") != s["dtype"]:
+                raise TypeError(f"{self.path.name}: input {i} must be {s['dtype']}, but got {x.dtype}.")
+            if want and x.shape[0] > self.sidecar["max_batch_size"]:
+                raise ValueError(
+                    f"{self.path.name}: batch {x.shape[0]} exceeds the exported max_batch_size "
+                    f"{self.sidecar['max_batch_size']}; split the batch or export with a larger `max_batch_size`."
+                )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kw_spec = self._in_spec.children()[1] if self._in_spec.num_children == 2 else None
+        if kwargs and kw_spec is not None and kw_spec.context:
+            kwargs = {k: kwargs[k] for k in kw_spec.context if k in kwargs}
+        leaves, _ = tree_flatten((args, kwargs))
+        self._check(leaves)
+        tensors = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
+        if self.backend == "x86":
+            call_args, call_kwargs = tree_unflatten(tensors, self._in_spec)
+            return self.runner(*call_args, **call_kwargs)
+        outputs = self.runner.execute([t for t in tensors if isinstance(t, torch.Tensor)])
+        return tree_unflatten(list(outputs), self._out_spec)
+
+
+def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = True) -> QuantizedArtifact:
+    """Load an artifact written by :func:`save` (or a callback) as a ready-to-run module.
+
+    Args:
+        path: the ``.pt2`` or ``.pte`` file (its ``.json`` sidecar must sit beside it).
+        backend: if given, refuse an artifact for another backend.
+        verify: check the file's sha256 against the sidecar before loading (refuses truncated or altered files).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ArtifactError: missing/invalid sidecar, checksum mismatch, or an artifact for another backend.
+    """
+    path = Path(path)
+    sidecar = read_sidecar(path)
+    if backend is not None and resolve_backend(backend).name != sidecar["backend"]:
+        raise ArtifactError(
+            f"{path.name} is a {sidecar['backend']!r} artifact, but backend={backend!r} was asked for. Export for that "
+            f"backend, or load it without `backend=`."
+        )
+    if verify and sha256_file(path) != sidecar["sha256"]:
+        raise ArtifactError(
+            f"{path.name} does not match the sha256 in its sidecar: the file is truncated or was altered. "
+            "Re-export it; only load artifacts you trust (an x86 package contains native code)."
+        )
+    if sidecar["backend"] == "x86":
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as err:
+            raise ArtifactError(f"Could not load the AOTInductor package {path.name}: {err}") from err
+    else:
+        try:
+            runner = _torchao.load_executorch_method(str(path))
+        except ModuleNotFoundError:
+            raise
+        except Exception as err:
+            raise ArtifactError(f"Could not load the ExecuTorch program {path.name}: {err}") from err
+    return QuantizedArtifact(runner, sidecar, path)

@@ -1,0 +1,176 @@
+"""PTQCallback: post-training int8 quantization when ``trainer.fit`` ends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_quant import _torchao
+from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
+from lightning_quant._report import QuantReport, finish
+from lightning_quant.capture import get_submodule, resolve_targets
+from lightning_quant.config import QuantConfig
+from lightning_quant.quantize import CalibrationGraph
+
+
+def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> Path:
+    """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
+    path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path.")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not. Pass a folder you can write to."
+        )
+    return path
+
+
+class PTQCallback(Callback):
+    """Post-training int8 quantization of the trained model when ``fit`` ends, exported for x86 or ARM.
+
+    Calibrates observers on ``num_calibration_samples`` samples by running your LightningModule's own
+    ``validation_step`` over the chosen dataloader, converts a **copy** (the float model stays bit-identical and
+    trainable; ``fit`` can be called again), writes the backend artifact plus its JSON sidecar to ``dirpath``, reloads
+    it to check its outputs, and logs its validation metrics with an ``_int8`` suffix next to the float ones.
+
+    Args:
+        backend: ``"x86"`` (aliases ``"fbgemm"``, ``"onednn"``): AOTInductor ``.pt2``; or ``"arm"`` (aliases
+            ``"qnnpack"``, ``"xnnpack"``): ExecuTorch ``.pte`` lowered to XNNPACK (needs ``lightning-quant[arm]``).
+        num_calibration_samples: samples to calibrate on (1,000-3,000 usually suffice).
+        calibration_data: ``"train"`` or ``"val"``: the dataloader to draw calibration batches from.
+        observer: activation observer: ``"histogram"``, ``"minmax"`` or ``"moving_average"``.
+        modules: dotted names of the submodules to quantize, ``"self"`` for the LightningModule's own ``forward``, or
+            ``None`` to pick: layers defined directly on the LightningModule -> ``"self"``, else every child holding
+            Conv/Linear layers (``"model"``, or ``"backbone"`` and ``"head"``).
+        dirpath: where artifacts go (default ``<trainer.log_dir>/quantized``).
+        max_batch_size: largest batch the artifact accepts (the batch dimension is dynamic up to it).
+        evaluate: run ``validation_step`` with the int8 artifact and log ``<metric><metric_suffix>``.
+        metric_suffix: appended to your metric names for the int8 results.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range or names nothing known.
+        ModuleNotFoundError: ``backend="arm"`` without executorch installed.
+
+    Example::
+
+        >>> from lightning_quant import PTQCallback
+        >>> cb = PTQCallback(backend="x86", num_calibration_samples=512)
+        >>> cb.config.backend, cb.config.num_calibration_samples
+        ('x86', 512)
+    """
+
+    def __init__(
+        self,
+        backend: str = "x86",
+        num_calibration_samples: int = 1024,
+        calibration_data: str = "train",
+        observer: str = "histogram",
+        modules: str | list[str] | None = None,
+        dirpath: str | None = None,
+        max_batch_size: int = 1024,
+        evaluate: bool = True,
+        metric_suffix: str = "_int8",
+    ) -> None:
+        self.config = QuantConfig(
+            backend=backend,
+            modules=modules,
+            observer=observer,
+            num_calibration_samples=num_calibration_samples,
+            calibration_data=calibration_data,
+            max_batch_size=max_batch_size,
+        )
+        if self.config.backend == "arm":
+            _torchao.require_executorch(backend)
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
+        if not isinstance(evaluate, bool):
+            raise TypeError(f"Expected argument `evaluate` to be a bool, but got {evaluate!r}.")
+        if not isinstance(metric_suffix, str) or not metric_suffix:
+            raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
+        self.dirpath = dirpath
+        self.evaluate = evaluate
+        self.metric_suffix = metric_suffix
+        self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
+        self.report: QuantReport | None = None
+
+    @property
+    def quantized_model(self) -> torch.fx.GraphModule:
+        """The int8 model (a ``GraphModule`` with the float submodule's call signature), after ``fit`` ends."""
+        if not self.quantized_modules:
+            raise RuntimeError("`PTQCallback.quantized_model` is available after `trainer.fit` has ended.")
+        if len(self.quantized_modules) > 1:
+            raise RuntimeError(
+                f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
+            )
+        return next(iter(self.quantized_modules.values()))
+
+    @property
+    def artifacts(self) -> dict[str, Path]:
+        return dict(self.report.artifacts) if self.report else {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Fail before training, not after hours of it.
+        resolve_targets(pl_module, self.config.modules)
+        resolve_dirpath(self.dirpath, trainer)
+        if not has_validation_step(pl_module):
+            raise ValueError(
+                f"PTQCallback calibrates by running `{type(pl_module).__name__}.validation_step` on calibration batches, "
+                "but it defines none. Define `validation_step`, or quantize with `lightning_quant.quantize_ptq(...)`."
+            )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted or not trainer.is_global_zero:
+            return
+        self.quantize(trainer, pl_module)
+
+    def calibration_loader(self, trainer: pl.Trainer) -> Any:
+        """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""
+        source = self.config.calibration_data
+        loader = first_loader(trainer.train_dataloader if source == "train" else trainer.val_dataloaders)
+        other = "val" if source == "train" else "train"
+        if loader is None:
+            raise ValueError(
+                f"Expected a {source} dataloader for calibration (calibration_data={source!r}), but the trainer has none. "
+                f"Pass calibration_data={other!r} or give `fit` a {source} dataloader."
+            )
+        if loader_length(loader) == 0:
+            raise ValueError(
+                f"Expected the {source} dataloader used for calibration (calibration_data={source!r}) to yield "
+                f"batches, but it is empty. Pass calibration_data={other!r} or check the dataset."
+            )
+        return loader
+
+    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantReport:
+        """Calibrate, convert a copy, export, check and report. Runs at ``on_fit_end``; callable after ``fit`` too."""
+        targets = resolve_targets(pl_module, self.config.modules)
+        dirpath = resolve_dirpath(self.dirpath, trainer)
+        loader = self.calibration_loader(trainer)
+        calibrators = {name: CalibrationGraph(get_submodule(pl_module, name), name, self.config) for name in targets}
+        n_batches = batches_for(loader, self.config.num_calibration_samples)
+        run_validation(trainer, pl_module, loader, calibrators, limit_batches=n_batches)
+        self.quantized_modules = {name: c.convert() for name, c in calibrators.items()}
+        self.report = finish(
+            trainer,
+            pl_module,
+            self.quantized_modules,
+            method="PTQ",
+            backend=self.config.backend,
+            dirpath=dirpath,
+            metric_suffix=self.metric_suffix,
+            evaluate=self.evaluate,
+        )
+        return self.report

@@ -1,0 +1,208 @@
+"""Post-training quantization without Lightning: capture, prepare, calibrate, convert.
+
+Usable from a plain PyTorch loop::
+
+    qmodel = quantize_ptq(model, calib_loader, backend="x86", input_fn=lambda batch: batch[0])
+    lightning_quant.save(qmodel, "model.pt2")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant import _torchao
+from lightning_quant.capture import batch_size_of, detach_inputs, export
+from lightning_quant.config import QuantConfig
+
+#: key of the converted GraphModule's ``meta`` dict where capture details are kept for export
+META_KEY = "lightning_quant"
+
+
+def as_call(batch: Any) -> tuple[tuple, dict]:
+    """Turn one calibration item into call arguments: a Tensor is one positional arg, a tuple/list are positional
+    args, a dict are keyword args."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def strip_unused_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop parameters/buffers no ``get_attr`` node reads (``convert_pt2e`` keeps the unused fp32 weights)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name in used:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+class _PadToTwoChannels(nn.Module):
+    """A 1-input-channel Conv2d computed as a 2-channel one whose extra input channel and weights are zero.
+
+    Works around an Inductor bug (torch 2.13): with ``freezing`` and a dynamic batch, an int8 conv whose input has one
+    channel gets wrong strides; the AOTInductor package then returns wrong outputs without any error. Same maths:
+    the extra channel is 0, the activation range already covers 0, weight scales are per output channel.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, conv.bias is not None,
+            conv.padding_mode,
+        )
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :1].copy_(conv.weight)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 1)))
+
+
+def pad_single_channel_convs(module: nn.Module) -> int:
+    """Replace (in place) every ``Conv2d(in_channels=1, groups=1)`` under ``module``; returns how many."""
+    found = [
+        (name, m) for name, m in module.named_modules() if name and type(m) is nn.Conv2d and m.in_channels == 1 and m.groups == 1
+    ]
+    for name, conv in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, _PadToTwoChannels(conv))
+    return len(found)
+
+
+class CalibrationGraph(nn.Module):
+    """Stands in for one submodule during calibration.
+
+    On its first call it captures a float snapshot of the submodule with ``torch.export`` from the real (args, kwargs)
+    it receives (batch dim dynamic), and prepares it with the backend's quantizer; every call then runs the observing
+    graph, whose outputs are the float outputs. The user's module is never touched: the snapshot is a deep copy.
+    """
+
+    def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
+        super().__init__()
+        snapshot = copy.deepcopy(module).cpu().eval()
+        snapshot.__dict__.pop("forward", None)  # never capture an instance-level routing
+        if config.backend == "x86":
+            pad_single_channel_convs(snapshot)
+        self._snapshot = [snapshot]  # a list hides it from the module tree (state_dict, .to(), .train())
+        self.name = name
+        self.config = config
+        self.prepared: torch.fx.GraphModule | None = None
+        self.example_inputs: tuple[tuple, dict] | None = None
+        self.num_samples = 0
+        self.num_batches = 0
+
+    def train(self, mode: bool = True) -> CalibrationGraph:
+        # PT2E graphs refuse .train()/.eval(); calibration is always an eval-mode graph, so only the flag moves.
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.prepared is None:
+            self.example_inputs = detach_inputs(args, kwargs)
+            ep = export(
+                self._snapshot[0], *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name
+            )
+            quantizer = _torchao.get_quantizer(self.config.backend, observer=self.config.observer)
+            self.prepared = _torchao.prepare(ep.module(), quantizer)
+            if _torchao.count_observers(self.prepared) == 0:
+                raise ValueError(
+                    f"The {self.config.backend!r} quantizer found nothing to quantize in {self.name!r} "
+                    f"({type(self._snapshot[0]).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
+                )
+        self.num_samples += batch_size_of((args, kwargs)) or 1
+        self.num_batches += 1
+        return self.prepared(*args, **kwargs)
+
+    def convert(self) -> torch.fx.GraphModule:
+        """Convert a copy of the calibrated graph to int8 (the observing graph stays usable)."""
+        if self.prepared is None:
+            raise RuntimeError(
+                f"Submodule {self.name!r} was never called during calibration, so it cannot be quantized. Check that "
+                "your `validation_step` (or forward) calls it, or choose other submodules with `modules=`."
+            )
+        q = strip_unused_attrs(_torchao.convert(copy.deepcopy(self.prepared)))
+        q.meta[META_KEY] = {
+            "name": self.name,
+            "backend": self.config.backend,
+            "example_inputs": self.example_inputs,
+            "max_batch_size": self.config.max_batch_size,
+            "num_calibration_samples": self.num_samples,
+            "observer": self.config.observer,
+        }
+        return q
+
+
+def quantize_ptq(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    *,
+    backend: str = "x86",
+    num_calibration_samples: int = 1024,
+    observer: str = "histogram",
+    max_batch_size: int = 1024,
+    input_fn: Callable[[Any], Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Post-training int8 quantization of ``model`` in a plain PyTorch program (no Trainer needed).
+
+    ``model`` is left unchanged; the result is a new int8 ``GraphModule`` with the same call signature, ready for
+    :func:`lightning_quant.save`.
+
+    Args:
+        model: the float model.
+        calibration_data: an iterable (e.g. a DataLoader) of inputs. Each item, after ``input_fn``, is a Tensor (one
+            positional argument), a tuple (positional arguments) or a dict (keyword arguments).
+        backend: ``"x86"`` or ``"arm"`` (see :class:`~lightning_quant.config.QuantConfig`).
+        num_calibration_samples: stop after this many samples (counted along dim 0).
+        observer: ``"histogram"``, ``"minmax"`` or ``"moving_average"``.
+        max_batch_size: largest batch the exported artifact will accept.
+        input_fn: maps a dataloader item to model inputs, e.g. ``lambda batch: batch[0]`` for ``(x, y)`` batches.
+
+    Raises:
+        ValueError: bad arguments, or ``calibration_data`` yields nothing.
+        CaptureError: ``torch.export`` cannot capture ``model``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_quant import quantize_ptq
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        >>> q = quantize_ptq(net, [torch.randn(8, 1, 8, 8) for _ in range(2)], num_calibration_samples=16)
+        >>> q(torch.randn(3, 1, 8, 8)).shape
+        torch.Size([3, 2])
+    """
+    config = QuantConfig(
+        backend=backend,
+        observer=observer,
+        num_calibration_samples=num_calibration_samples,
+        max_batch_size=max_batch_size,
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    if input_fn is not None and not callable(input_fn):
+        raise TypeError(f"Expected argument `input_fn` to be callable or None, but got {type(input_fn).__name__}.")
+    calib = CalibrationGraph(model, type(model).__name__, config)
+    with torch.no_grad():
+        for item in calibration_data:
+            args, kwargs = as_call(input_fn(item) if input_fn else item)
+            calib(*args, **kwargs)
+            if calib.num_samples >= config.num_calibration_samples:
+                break
+    if calib.num_batches == 0:
+        raise ValueError("Expected argument `calibration_data` to yield at least one batch, but it was empty.")
+    return calib.convert()
