@@ -211,10 +211,7 @@ def export(
     args, kwargs = widen_batch(args, kwargs)
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
     try:
-        if isinstance(module, torch.fx.GraphModule) or not hasattr(module, "forward"):
-            dynamic: Any = (dyn_args, dyn_kwargs) if kwargs else dyn_args
-        else:
-            dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
+        dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,353 @@
+"""PTQCallback inside real Trainer fits: both backends, both model layouts, bad inputs, the demo command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_quant import CaptureError, PTQCallback, _torchao, load
+
+needs_executorch = pytest.mark.skipif(not _torchao.executorch_available(), reason="needs lightning-quant[arm]")
+
+
+def _data(n: int = 256, side: int = 12, seed: int = 0) -> TensorDataset:
+    """Learnable synthetic images: the class is which quadrant holds a bright blob."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.3 * torch.randn(n, 1, side, side, generator=g)
+    h = side // 2
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, 0, r * h : (r + 1) * h, col * h : (col + 1) * h] += 1.0
+    return TensorDataset(x, y)
+
+
+def _loaders(batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
+    return DataLoader(_data(256), batch_size=batch_size, shuffle=True), DataLoader(_data(96, seed=1), batch_size=48)
+
+
+class _Base(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=4, average="micro")
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class AttrLayout(_Base):
+    """The network in an attribute: ``self.model`` (Conv-BN-ReLU-Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(8 * 6 * 6, 4),
+        )
+
+
+class BackboneHead(_Base):
+    """``self.backbone`` + ``self.head`` called from the steps, no ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class FlatLayout(_Base):
+    """Layers defined on the LightningModule and used by its ``forward``, which takes a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(h.flatten(1)) / temperature
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x, temperature=1.0)
+
+
+class _FloatSnapshot(Callback):
+    """Records the float state_dict at ``on_fit_end``, before PTQCallback (placed after it) runs."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def _fit(model, callbacks, tmp_path, max_epochs: int = 2, **kwargs):
+    train, val = _loaders()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(model, train, val)
+    return trainer
+
+
+def _assert_same_state(before: dict, module: nn.Module) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_fit_then_ptq(backend, tmp_path):
+    pl.seed_everything(0)
+    model = AttrLayout()
+    snap = _FloatSnapshot()
+    ptq = PTQCallback(backend=backend, num_calibration_samples=64, dirpath=str(tmp_path / "q"))
+    trainer = _fit(model, [snap, ptq], tmp_path)
+
+    # float model untouched by PTQ, bit for bit, and still the float modules
+    _assert_same_state(snap.state, model)
+    assert isinstance(model.model, nn.Sequential)
+    assert "forward" not in model.__dict__
+
+    # artifact + sidecar
+    path = ptq.artifacts["model"]
+    assert path.suffix == {"x86": ".pt2", "arm": ".pte"}[backend]
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["backend"] == backend
+    assert sidecar["num_calibration_samples"] == 64  # 2 batches of 32
+    assert sidecar["metrics"]["int8"]["val_acc"] == pytest.approx(trainer.callback_metrics["val_acc_int8"].item())
+
+    # int8 metrics logged next to the float ones, from the user's validation_step
+    metrics = trainer.callback_metrics
+    assert metrics["val_acc"] > 0.8, "the synthetic task should be learnt"
+    assert abs(metrics["val_acc_int8"] - metrics["val_acc"]) <= 0.05
+    assert ptq.report.parity_max_abs_diff["model"] < 0.2
+
+    # the quantized model is usable in process and matches the artifact
+    x = _data(8, seed=3).tensors[0]
+    art = load(path)
+    with torch.no_grad():
+        ref = ptq.quantized_model(x)
+    scale = float(ref.max() - ref.min()) / 255
+    assert (art(x) - ref).abs().max() <= 1.01 * scale + 1e-5
+
+    # a second fit works on the same model
+    _fit(model, [], tmp_path, max_epochs=1)
+
+
+@pytest.mark.slow
+def test_layers_on_the_lightning_module_keep_forward_signature(tmp_path):
+    pl.seed_everything(0)
+    model = FlatLayout()
+    ptq = PTQCallback(num_calibration_samples=32, dirpath=str(tmp_path))
+    trainer = _fit(model, [ptq], tmp_path)
+    assert list(ptq.quantized_modules) == ["self"]
+    assert ptq.artifacts["self"].name == "FlatLayout_int8.pt2"
+    assert "val_acc_int8" in trainer.callback_metrics
+    # the captured graph keeps the keyword argument of the user's forward
+    x = _data(4, seed=2).tensors[0]
+    q = ptq.quantized_model(x, temperature=1.0)
+    assert q.shape == (4, 4)
+    # routing removed: the LightningModule's forward is its own again
+    assert "forward" not in model.__dict__
+    assert "_lightning_quant_forward" not in dict(model.named_children())
+    torch.testing.assert_close(model(x), FlatLayout.forward(model, x))
+
+
+@pytest.mark.slow
+def test_backbone_and_head_are_quantized_separately(tmp_path):
+    pl.seed_everything(0)
+    model = BackboneHead()
+    ptq = PTQCallback(num_calibration_samples=32, dirpath=str(tmp_path), evaluate=True)
+    trainer = _fit(model, [ptq], tmp_path, max_epochs=1)
+    assert set(ptq.quantized_modules) == {"backbone", "head"}
+    assert {p.name for p in ptq.artifacts.values()} == {"backbone_int8.pt2", "head_int8.pt2"}
+    assert "val_acc_int8" in trainer.callback_metrics
+    with pytest.raises(RuntimeError, match="quantized_modules"):
+        _ = ptq.quantized_model
+
+
+def test_last_smaller_batch_and_batch_one_run_through_the_int8_model(tmp_path):
+    from lightning_quant import quantize_ptq
+
+    model = AttrLayout().eval()
+    q = quantize_ptq(model.model, DataLoader(_data(70), batch_size=32), input_fn=lambda b: b[0])
+    for n in (1, 6, 32):
+        assert q(torch.randn(n, 1, 12, 12)).shape == (n, 4)
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backend": "x87"}, ValueError, r"`backend`.*Did you mean 'x86'"),
+        ({"backend": 86}, TypeError, r"`backend`"),
+        ({"num_calibration_samples": 0}, ValueError, r"`num_calibration_samples`.*>= 1"),
+        ({"num_calibration_samples": -5}, ValueError, r"`num_calibration_samples`"),
+        ({"num_calibration_samples": 1.5}, TypeError, r"`num_calibration_samples`"),
+        ({"calibration_data": "test"}, ValueError, r"`calibration_data`.*'train', 'val'"),
+        ({"observer": "kl"}, ValueError, r"`observer`.*'histogram'"),
+        ({"modules": []}, ValueError, r"`modules`"),
+        ({"modules": ["model", "model.0"]}, ValueError, r"`modules`.*contains"),
+        ({"modules": 3}, TypeError, r"`modules`"),
+        ({"max_batch_size": 1}, ValueError, r"`max_batch_size`"),
+        ({"dirpath": 5}, TypeError, r"`dirpath`"),
+        ({"metric_suffix": ""}, ValueError, r"`metric_suffix`"),
+        ({"evaluate": "yes"}, TypeError, r"`evaluate`"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PTQCallback(**kwargs)
+
+
+def test_arm_without_executorch_names_the_extra(monkeypatch):
+    monkeypatch.setattr(_torchao, "executorch_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "lightning-quant\[arm\]"'):
+        PTQCallback(backend="qnnpack")
+
+
+class NoLayers(_Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.ReLU())
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def net(self, x):
+        return self.model(x)[:, :4] * self.scale
+
+
+class NoValidationStep(AttrLayout):
+    validation_step = pl.LightningModule.validation_step
+
+
+class Untraceable(AttrLayout):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _DataDependent(self.model)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent Python control flow: torch.export cannot capture it
+            return self.inner(x)
+        return -self.inner(x)
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "cb_kwargs", "match"),
+    [
+        (AttrLayout, {"modules": "modle"}, r"`modules`.*'modle' does not exist.*Did you mean 'model'"),
+        (NoLayers, {}, r"no quantizable layers"),
+        (AttrLayout, {"modules": "val_acc"}, r"no Conv/Linear"),
+        (BackboneHead, {"modules": "self"}, r"'self'.*defines no `forward`"),
+        (NoValidationStep, {}, r"validation_step"),
+    ],
+)
+def test_bad_setup_fails_before_training(model_cls, cb_kwargs, match, tmp_path):
+    model = model_cls()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        _fit(model, [PTQCallback(dirpath=str(tmp_path), **cb_kwargs)], tmp_path, max_epochs=1)
+    _assert_same_state(before, model)
+
+
+def test_dirpath_that_is_a_file_fails_before_training(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(ValueError, match=r"`dirpath`.*is a file"):
+        _fit(AttrLayout(), [PTQCallback(dirpath=str(f))], tmp_path, max_epochs=1)
+
+
+def test_untraceable_forward_names_the_submodule_and_keeps_the_model(tmp_path):
+    model = Untraceable()
+    snap = _FloatSnapshot()
+    with pytest.raises(CaptureError, match=r"torch.export could not capture 'model' \(_DataDependent\)"):
+        _fit(model, [snap, PTQCallback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+    _assert_same_state(snap.state, model)
+    assert isinstance(model.model, _DataDependent)
+
+
+@pytest.mark.parametrize(
+    ("source", "train", "val", "match"),
+    [
+        ("val", DataLoader(_data(8)), None, r"calibration_data='val'.*has none.*calibration_data='train'"),
+        ("train", None, DataLoader(_data(8)), r"calibration_data='train'.*has none"),
+        ("train", DataLoader(TensorDataset(torch.zeros(0, 1, 12, 12))), None, r"calibration_data='train'.*empty"),
+    ],
+)
+def test_missing_or_empty_calibration_loader(source, train, val, match):
+    trainer = SimpleNamespace(train_dataloader=train, val_dataloaders=val)
+    with pytest.raises(ValueError, match=match):
+        PTQCallback(calibration_data=source).calibration_loader(trainer)
+
+
+# ----------------------------------------------------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_command_prints_the_comparison(tmp_path):
+    backends = "x86,arm" if _torchao.executorch_available() else "x86"
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_quant.cli", "demo", "--epochs", "1", "--train-subset", "2000",
+         "--backends", backends, "--calibration-samples", "256", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fp32 eager" in out.stdout
+    assert "PTQ int8 x86 (.pt2)" in out.stdout
+    if "arm" in backends:
+        assert "PTQ int8 arm (.pte)" in out.stdout
+    assert (tmp_path / "x86" / "model_int8.pt2").is_file()
+
+
+def test_demo_rejects_a_data_folder_without_fashion_mnist(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_quant.cli", "demo", "--data", str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "has no Fashion-MNIST" in out.stderr
+    assert "Traceback" not in out.stderr
