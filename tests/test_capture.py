@@ -60,7 +60,7 @@ class BackboneHead(pl.LightningModule):
     def __init__(self, extras_with_layers: bool = False) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
-        self.head = nn.Linear(4 * 6 * 6, 2)
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(4 * 6 * 6, 2))
         if extras_with_layers:
             self.val_metric = EmbeddingDistance()
             self.loss_fn = ProjectedCrossEntropy()
@@ -84,6 +84,18 @@ class LayersOnSelf(pl.LightningModule):
 
     def forward(self, x):
         return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+class BareLinearHeadNoForward(pl.LightningModule):
+    """``training_step`` calls ``head(backbone(x))``; the head is a bare Linear child and there is no forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.backbone(batch)).sum()
 
 
 class NoLayers(pl.LightningModule):
@@ -122,13 +134,29 @@ def test_resolve_targets_accepts_explicit_names():
     assert resolve_targets(LayersOnSelf(), ("self",)) == ("self",)
 
 
+def test_default_targets_bare_linear_child_means_self():
+    """A Conv/Linear child directly on the root selects the root's forward (documented), even next to a backbone."""
+    root = BackboneHead()
+    root.head = nn.Linear(4 * 6 * 6, 2)
+    assert default_targets(root) == ("self",)
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="capture.overrides_forward treats any forward defined in a `torch` class as missing, so a plain "
-    "nn.Sequential root gets default_targets ('self',) and resolve_targets then rejects that same choice.",
+    reason="source bug: default_targets picks ('self',) whenever the root has a direct Conv/Linear child, without "
+    "checking overrides_forward(root); resolve_targets then rejects its own default ('defines no `forward`'). "
+    "overrides_forward also treats a forward defined in any `torch` class (nn.Sequential) as missing.",
 )
-def test_default_targets_of_sequential_root_are_resolvable():
-    root = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+@pytest.mark.parametrize(
+    "make_root",
+    [
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
+        BareLinearHeadNoForward,
+    ],
+    ids=["sequential-root", "bare-linear-head-no-forward"],
+)
+def test_default_targets_are_always_resolvable(make_root):
+    root = make_root()
     assert resolve_targets(root, None) == default_targets(root)
 
 
