@@ -4,6 +4,8 @@ from lightning_quant.capture import CaptureError
 from lightning_quant.config import QuantConfig
 from lightning_quant.export import ArtifactError, QuantizedArtifact, load, save
 from lightning_quant.ptq import PTQCallback
+from lightning_quant.qat import QATCallback
+from lightning_quant.qat_graph import QATGraph
 from lightning_quant.quantize import quantize_ptq
 
 __version__ = "0.1.0.dev0"
@@ -12,6 +14,8 @@ __all__ = [
     "ArtifactError",
     "CaptureError",
     "PTQCallback",
+    "QATCallback",
+    "QATGraph",
     "QuantConfig",
     "QuantizedArtifact",
     "__version__",

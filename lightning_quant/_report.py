@@ -28,6 +28,7 @@ class QuantReport:
 
     method: str
     backend: str
+    baseline: str = "fp32"  # what the metrics are compared against: the float model, or the fake-quant one (QAT)
     artifacts: dict[str, Path] = field(default_factory=dict)
     parity_max_abs_diff: dict[str, float] = field(default_factory=dict)
     size_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (fp32, int8)
@@ -38,15 +39,15 @@ class QuantReport:
 
     def table(self) -> str:
         title = f"lightning-quant {self.method} summary ({self.backend}, {BACKENDS[self.backend].suffix})"
-        rows = [("", "fp32", "int8", "delta / ratio")]
+        rows = [("", self.baseline, "int8", "delta / ratio")]
         for k, v in self.metrics_fp32.items():
             q = self.metrics_int8.get(k)
             rows.append((k, f"{v:.4f}", "-" if q is None else f"{q:.4f}", "-" if q is None else f"{q - v:+.4f}"))
         for name, (f, q) in self.size_bytes.items():
-            rows.append((f"size {name}", _kib(f), _kib(q), f"{q / f:.2f}x"))
+            rows.append((f"size {name} (fp32 -> int8)", _kib(f), _kib(q), f"{q / f:.2f}x"))
         for name, (f, q) in self.latency_ms.items():
             rows.append(
-                (f"latency {name} (batch {self.batch_size.get(name)})", f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x faster")
+                (f"latency {name} (fp32 -> int8, batch {self.batch_size.get(name)})", f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x faster")
             )
         for name, d in self.parity_max_abs_diff.items():
             rows.append((f"reload parity {name}", "", f"{d:.2e}", "max |diff|"))
@@ -93,13 +94,15 @@ def finish(
     metric_suffix: str = "_int8",
     evaluate: bool = True,
     fp32_reference: dict[str, nn.Module] | None = None,
+    baseline: str = "fp32",
 ) -> QuantReport:
     """Export, reload, check, evaluate and report ``quantized`` (name -> converted graph).
 
     Args:
-        fp32_reference: modules to time as the fp32 baseline (default: the LightningModule's float submodules).
+        fp32_reference: float modules for the size and latency baselines (default: the LightningModule's submodules).
+        baseline: what the LightningModule runs now, whose metrics the int8 ones are compared with.
     """
-    report = QuantReport(method=method, backend=backend)
+    report = QuantReport(method=method, backend=backend, baseline=baseline)
     loaded: dict[str, nn.Module] = {}
     suffix = BACKENDS[backend].suffix
     for name, q in quantized.items():
@@ -128,7 +131,7 @@ def finish(
 
     val_loader = first_loader(trainer.val_dataloaders)
     if evaluate and val_loader is not None and has_validation_step(pl_module):
-        report.metrics_fp32 = run_validation(trainer, pl_module, val_loader, fp32_reference)
+        report.metrics_fp32 = run_validation(trainer, pl_module, val_loader)
         report.metrics_int8 = run_validation(trainer, pl_module, val_loader, loaded)
         logged = {f"{k}{metric_suffix}": v for k, v in report.metrics_int8.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
@@ -139,7 +142,7 @@ def finish(
     for name, path in report.artifacts.items():
         export.update_sidecar(
             path,
-            metrics={"fp32": report.metrics_fp32, "int8": report.metrics_int8},
+            metrics={baseline: report.metrics_fp32, "int8": report.metrics_int8},
             parity_max_abs_diff=report.parity_max_abs_diff[name],
             fp32_size_bytes=report.size_bytes[name][0],
             latency_ms={"fp32": report.latency_ms[name][0], "int8": report.latency_ms[name][1]},

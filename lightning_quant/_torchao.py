@@ -134,6 +134,19 @@ def is_observer(module: nn.Module) -> bool:
     return isinstance(module, (pt2e.ObserverBase, pt2e.FakeQuantizeBase))
 
 
+def is_fake_quantize(module: nn.Module) -> bool:
+    return isinstance(module, _pt2e().FakeQuantizeBase)
+
+
+def enable_observer(module: nn.Module) -> None:
+    """torchao's ``enable_observer`` (``torch.ao``'s does nothing to torchao FakeQuantize modules)."""
+    _pt2e().enable_observer(module)
+
+
+def disable_observer(module: nn.Module) -> None:
+    _pt2e().disable_observer(module)
+
+
 def count_observers(gm: nn.Module) -> int:
     return sum(is_observer(m) for m in gm.modules())
 

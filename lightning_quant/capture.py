@@ -128,32 +128,55 @@ class _RoutedForward:
         return getattr(self.root_ref, self.attr)(*args, **kwargs)
 
 
-_ROUTE_ATTR = "_lightning_quant_forward"
+ROUTE_ATTR = "_lightning_quant_forward"
+
+
+def install(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in place of submodule ``name`` of ``root`` and return what was there.
+
+    For ``"self"``, ``new`` becomes a child of ``root`` and the root's ``forward`` is routed to it (an instance attribute
+    that passes the caller's args and kwargs through unchanged); the root's class is untouched. Returns the module
+    that was routed to before, or ``root`` itself when ``forward`` was the root's own.
+    """
+    if name == SELF:
+        previous = installed(root, SELF)
+        root.add_module(ROUTE_ATTR, new)
+        root.__dict__["forward"] = _RoutedForward(root, ROUTE_ATTR)
+        return previous
+    old = root.get_submodule(name)
+    _set_submodule(root, name, new)
+    return old
+
+
+def uninstall(root: nn.Module, name: str, old: nn.Module) -> None:
+    """Undo :func:`install`."""
+    if name == SELF and old is root:
+        root.__dict__.pop("forward", None)
+        root._modules.pop(ROUTE_ATTR, None)
+    elif name == SELF:
+        root.add_module(ROUTE_ATTR, old)
+    else:
+        _set_submodule(root, name, old)
+
+
+def installed(root: nn.Module, name: str) -> nn.Module:
+    """What currently runs for target ``name``: the routed module for ``"self"``, else the submodule."""
+    if name == SELF:
+        return root._modules.get(ROUTE_ATTR, root)
+    return root.get_submodule(name)
 
 
 @contextmanager
 def swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
-    """Temporarily put ``replacements`` in place of the named submodules of ``root``; always restores the originals.
-
-    For ``"self"`` the replacement is registered as a child and the root's ``forward`` is routed to it; the root's
-    class and its ``forward`` are untouched, and the routing is removed on exit.
-    """
-    originals: dict[str, nn.Module] = {}
+    """Temporarily :func:`install` ``replacements``; always restores the originals, even when the body raises."""
+    done: list[tuple[str, nn.Module]] = []
     try:
         for name, new in replacements.items():
-            if name == SELF:
-                root.add_module(_ROUTE_ATTR, new)
-                root.__dict__["forward"] = _RoutedForward(root, _ROUTE_ATTR)
-            else:
-                originals[name] = root.get_submodule(name)
-                _set_submodule(root, name, new)
+            done.append((name, install(root, name, new)))
         yield
     finally:
-        for name, old in originals.items():
-            _set_submodule(root, name, old)
-        if SELF in replacements:
-            root.__dict__.pop("forward", None)
-            root._modules.pop(_ROUTE_ATTR, None)
+        for name, old in reversed(done):
+            uninstall(root, name, old)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -5,6 +5,7 @@ sidecar, atomic writes, and loading them back as ready-to-run modules.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import hashlib
 import io
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, tr
 from lightning_quant import _torchao
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, resolve_backend
-from lightning_quant.quantize import META_KEY
+from lightning_quant.quantize import META_KEY, pad_single_channel_qconvs
 
 SIDECAR_FORMAT = 1
 
@@ -142,6 +143,9 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, but got {str(path)!r}."
         )
     args, kwargs = info["example_inputs"]
+    if backend.name == "x86":
+        quantized = copy.deepcopy(quantized)
+        pad_single_channel_qconvs(quantized)
     ep = capture_export(quantized, args, kwargs, max_batch_size=info["max_batch_size"], name=info["name"])
     extra: dict[str, Any] = {}
     with atomic_path(path) as tmp:

@@ -48,40 +48,63 @@ def strip_unused_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-class _PadToTwoChannels(nn.Module):
-    """A 1-input-channel Conv2d computed as a 2-channel one whose extra input channel and weights are zero.
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure that shares its Parameter and buffer objects (for rewriting before capture)."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
 
-    Works around an Inductor bug (torch 2.13): with ``freezing`` and a dynamic batch, an int8 conv whose input has one
-    channel gets wrong strides; the AOTInductor package then returns wrong outputs without any error. Same maths:
-    the extra channel is 0, the activation range already covers 0, weight scales are per output channel.
+
+def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
+    """Compute each int8 conv with one input channel as a 2-channel conv whose extra channel and weights are zero.
+
+    Works around an Inductor bug (torch 2.13): with weight freezing and a dynamic batch, an int8 conv whose input has
+    one channel is compiled with wrong strides, and the AOTInductor package returns wrong outputs without any error.
+    Applied to a converted graph: the int8 weight gets a zero input channel (symmetric weights: int8 0 is 0.0) and the
+    float input is zero-padded before its quantize node, so quantize -> dequantize -> conv still fuses to a oneDNN
+    qconv. Same results. Returns the number of convolutions rewritten.
     """
+    qd = torch.ops.quantized_decomposed
+    graph = gm.graph
+    fixed = 0
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target != torch.ops.aten.conv2d.default:
+            continue
+        x_dq, w_dq = conv.args[0], conv.args[1]
+        groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
+        if groups != 1 or getattr(w_dq, "target", None) != qd.dequantize_per_channel.default:
+            continue
+        if getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
+            continue
+        x_q, w_attr, w_zp = x_dq.args[0], w_dq.args[0], w_dq.args[2]
+        if getattr(x_q, "target", None) != qd.quantize_per_tensor.default or w_attr.op != "get_attr":
+            continue
+        weight = gm.get_parameter(w_attr.target) if w_attr.target in dict(gm.named_parameters()) else None
+        weight = weight if weight is not None else getattr(gm, w_attr.target, None)
+        zero_points = getattr(gm, w_zp.target, None) if getattr(w_zp, "op", None) == "get_attr" else None
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or weight.shape[1] != 1:
+            continue
+        if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:
+            continue
+        name = f"{w_attr.target}_padded"
+        gm.register_buffer(name, torch.cat([weight, torch.zeros_like(weight)], dim=1))
+        w_attr.target = name
+        with graph.inserting_before(x_q):
+            padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x_q.args[0], [0, 0, 0, 0, 0, 1], 0.0))
+            q = graph.call_function(x_q.target, (padded, *x_q.args[1:]))
+            dq = graph.call_function(x_dq.target, (q, *x_dq.args[1:]))
+        conv.replace_input_with(x_dq, dq)
+        fixed += 1
+    if fixed:
+        graph.eliminate_dead_code()
+        strip_unused_attrs(gm)
+    return fixed
 
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, conv.bias is not None,
-            conv.padding_mode,
-        )
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, :1].copy_(conv.weight)
-            if conv.bias is not None:
-                self.conv.bias.copy_(conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 1)))
-
-
-def pad_single_channel_convs(module: nn.Module) -> int:
-    """Replace (in place) every ``Conv2d(in_channels=1, groups=1)`` under ``module``; returns how many."""
-    found = [
-        (name, m) for name, m in module.named_modules() if name and type(m) is nn.Conv2d and m.in_channels == 1 and m.groups == 1
-    ]
-    for name, conv in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, _PadToTwoChannels(conv))
-    return len(found)
+def capturable(module: nn.Module, backend: str) -> nn.Module:
+    """What to hand to ``torch.export`` for ``backend``: ``module`` itself, or a rewritten structural copy."""
+    shell = structural_copy(module)
+    shell.__dict__.pop("forward", None)  # never capture an instance-level routing
+    return shell
 
 
 class CalibrationGraph(nn.Module):
@@ -94,10 +117,7 @@ class CalibrationGraph(nn.Module):
 
     def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
         super().__init__()
-        snapshot = copy.deepcopy(module).cpu().eval()
-        snapshot.__dict__.pop("forward", None)  # never capture an instance-level routing
-        if config.backend == "x86":
-            pad_single_channel_convs(snapshot)
+        snapshot = capturable(copy.deepcopy(module).cpu().eval(), config.backend)
         self._snapshot = [snapshot]  # a list hides it from the module tree (state_dict, .to(), .train())
         self.name = name
         self.config = config

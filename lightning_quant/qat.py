@@ -1,0 +1,212 @@
+"""QATCallback: quantization-aware training from a chosen epoch, freezes, and int8 export when ``fit`` ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_quant import _torchao
+from lightning_quant._report import QuantReport, finish
+from lightning_quant.capture import install, installed, resolve_targets
+from lightning_quant.config import QuantConfig
+from lightning_quant.ptq import resolve_dirpath
+from lightning_quant.qat_graph import QATGraph
+
+
+def _expect_epoch(name: str, value: Any, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "a non-negative int or None" if optional else "a non-negative int"
+        raise TypeError(f"Expected argument `{name}` to be {kind}, but got {value!r} of type {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"Expected argument `{name}` to be a non-negative epoch index, but got {value}.")
+    return value
+
+
+class QATCallback(Callback):
+    """Quantization-aware training: fake-quantize the chosen submodules from ``start_epoch``, export int8 at fit end.
+
+    Until ``start_epoch`` training is plain float. From the start of that epoch each chosen submodule is replaced by a
+    fake-quant PT2E graph (``prepare_qat_pt2e`` with the backend's QAT recipe; Conv+BN fused), captured from the
+    first real call. The graph shares the float Parameters, so the optimizer, its momentum and the LR schedule carry
+    on unchanged. Validation, test and predict run it in eval mode (BN running stats, dropout off) and never update
+    observers. When ``fit`` ends an int8 **copy** is converted, exported with its sidecar, reloaded and checked, and
+    its metrics are logged with an ``_int8`` suffix next to the fake-quant ones; the LightningModule stays a trainable
+    fake-quant model, so ``fit`` can continue.
+
+    Freezing follows torchvision's QAT recipe when asked: BatchNorm statistics first, observers one epoch later, e.g.
+    ``QATCallback(start_epoch=0, freeze_bn_epoch=3, freeze_observer_epoch=4)``. By default nothing is frozen.
+
+    Args:
+        backend: ``"x86"`` (aliases ``"fbgemm"``, ``"onednn"``) or ``"arm"`` (aliases ``"qnnpack"``, ``"xnnpack"``).
+        start_epoch: first epoch trained with fake quantization (0 = from the start, e.g. fine-tuning a float model).
+        freeze_bn_epoch: from this epoch BatchNorm uses and keeps its running statistics (``None``: never).
+        freeze_observer_epoch: from this epoch scales and zero points stop changing (``None``: never).
+        modules: what to quantize, as in :class:`~lightning_quant.PTQCallback`.
+        dirpath: where artifacts go (default ``<trainer.log_dir>/quantized``).
+        max_batch_size: largest batch the artifact accepts.
+        export: write the int8 artifact when ``fit`` ends.
+        evaluate: run ``validation_step`` with the int8 artifact and log ``<metric><metric_suffix>``.
+        metric_suffix: appended to your metric names for the int8 results.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range, a freeze epoch comes before ``start_epoch``, or (at ``setup``)
+            ``start_epoch >= max_epochs`` so QAT would never run.
+
+    Example::
+
+        >>> from lightning_quant import QATCallback
+        >>> cb = QATCallback(backend="fbgemm", start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3)
+        >>> cb.config.backend, cb.start_epoch
+        ('x86', 1)
+    """
+
+    def __init__(
+        self,
+        backend: str = "x86",
+        start_epoch: int = 0,
+        freeze_bn_epoch: int | None = None,
+        freeze_observer_epoch: int | None = None,
+        modules: str | list[str] | None = None,
+        dirpath: str | None = None,
+        max_batch_size: int = 1024,
+        export: bool = True,
+        evaluate: bool = True,
+        metric_suffix: str = "_int8",
+    ) -> None:
+        self.config = QuantConfig(backend=backend, modules=modules, max_batch_size=max_batch_size)
+        if self.config.backend == "arm":
+            _torchao.require_executorch(backend)
+        self.start_epoch = _expect_epoch("start_epoch", start_epoch, optional=False)
+        self.freeze_bn_epoch = _expect_epoch("freeze_bn_epoch", freeze_bn_epoch, optional=True)
+        self.freeze_observer_epoch = _expect_epoch("freeze_observer_epoch", freeze_observer_epoch, optional=True)
+        for name, value in (("freeze_bn_epoch", self.freeze_bn_epoch), ("freeze_observer_epoch", self.freeze_observer_epoch)):
+            if value is not None and value < self.start_epoch:
+                raise ValueError(
+                    f"Expected argument `{name}` to be >= `start_epoch` ({self.start_epoch}), but got {value}: there is "
+                    f"nothing to freeze before QAT starts. Use {name}={self.start_epoch} or later."
+                )
+        for name, value in (("export", export), ("evaluate", evaluate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
+        if dirpath is not None and not isinstance(dirpath, str):
+            raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
+        if not isinstance(metric_suffix, str) or not metric_suffix:
+            raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
+        self.dirpath = dirpath
+        self.export = export
+        self.evaluate = evaluate
+        self.metric_suffix = metric_suffix
+        self.targets: tuple[str, ...] = ()
+        self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
+        self.report: QuantReport | None = None
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def graphs(self, pl_module: pl.LightningModule) -> dict[str, QATGraph]:
+        """The fake-quant graphs currently installed in ``pl_module`` (empty before ``start_epoch``)."""
+        targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        found = {name: installed(pl_module, name) for name in targets}
+        return {name: g for name, g in found.items() if isinstance(g, QATGraph)}
+
+    @property
+    def quantized_model(self) -> torch.fx.GraphModule:
+        """The int8 model exported at fit end (a ``GraphModule`` with the float submodule's call signature)."""
+        if not self.quantized_modules:
+            raise RuntimeError("`QATCallback.quantized_model` is available after `trainer.fit` has ended.")
+        if len(self.quantized_modules) > 1:
+            raise RuntimeError(
+                f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
+            )
+        return next(iter(self.quantized_modules.values()))
+
+    # ---------------------------------------------------------------------------------------------- hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.targets = resolve_targets(pl_module, self.config.modules)
+        if stage != "fit":
+            return
+        max_epochs = trainer.max_epochs
+        if isinstance(max_epochs, int) and 0 <= max_epochs <= self.start_epoch:
+            raise ValueError(
+                f"Expected argument `start_epoch` ({self.start_epoch}) to be < the Trainer's max_epochs ({max_epochs}): "
+                f"QAT would never run. Lower `start_epoch` or raise `max_epochs`."
+            )
+        if self.export:
+            resolve_dirpath(self.dirpath, trainer)
+
+    def swap(self, pl_module: pl.LightningModule) -> dict[str, QATGraph]:
+        """Install a fake-quant graph for every target that has none yet (idempotent); returns all of them."""
+        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        for name in self.targets:
+            current = installed(pl_module, name)
+            if not isinstance(current, QATGraph):
+                graph = QATGraph(current, name, self.config).to(_device_of(current))
+                install(pl_module, name, graph.train(current.training))
+        return self.graphs(pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch < self.start_epoch:
+            return
+        for graph in self.swap(pl_module).values():
+            if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+                graph.freeze_bn()
+            if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
+                graph.freeze_observers()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.export or trainer.interrupted or not trainer.is_global_zero:
+            return
+        graphs = self.graphs(pl_module)
+        if not graphs or not all(g.captured for g in graphs.values()):
+            pl.utilities.rank_zero_warn(
+                f"QATCallback: fit ended before QAT ran (start_epoch={self.start_epoch}); no int8 model was exported."
+            )
+            return
+        self.quantized_modules = {name: g.convert() for name, g in graphs.items()}
+        self.report = finish(
+            trainer,
+            pl_module,
+            self.quantized_modules,
+            method="QAT",
+            backend=self.config.backend,
+            dirpath=resolve_dirpath(self.dirpath, trainer),
+            metric_suffix=self.metric_suffix,
+            evaluate=self.evaluate,
+            fp32_reference={name: g.float_module for name, g in graphs.items()},
+            baseline="fake-quant",
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.config.backend,
+            "start_epoch": self.start_epoch,
+            "freeze_bn_epoch": self.freeze_bn_epoch,
+            "freeze_observer_epoch": self.freeze_observer_epoch,
+            "targets": list(self.targets),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The schedule comes from __init__ (the user may change it on resume); what was quantized must not change.
+        saved = tuple(state_dict.get("targets", ()))
+        if saved and self.targets and saved != self.targets:
+            raise ValueError(
+                f"The checkpoint was trained with QAT on {list(saved)}, but `modules` now selects {list(self.targets)}. "
+                "Resume with the same `modules`."
+            )
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))

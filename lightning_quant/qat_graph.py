@@ -1,0 +1,204 @@
+"""Quantization-aware training on a PT2E graph, without Lightning: the fake-quant stand-in for a float submodule.
+
+``QATGraph`` replaces a float submodule in place. On its first call it captures the submodule with ``torch.export`` from
+the real inputs (train mode, dynamic batch) and prepares it with the backend's QAT quantizer (Conv+BN fused, FakeQuant
+on weights and activations). The prepared graph shares the float module's Parameter objects, so an existing optimizer,
+its momentum buffers and LR schedule go on untouched.
+
+It also fixes what PT2E graphs get wrong inside a training framework:
+
+* ``.train()``/``.eval()`` raise on exported graphs: here they only move flags, and each forward sets the graph's
+  BatchNorm/dropout ``training`` literals from ``self.training`` (Lightning restores modes by flag, never by call);
+* torchao's own train/eval helpers and ``prepare_qat_pt2e`` rewrite BN ``eps``/``momentum`` and dropout ``p`` to
+  defaults: the user's values are written back;
+* FakeQuantize modules observe even in eval mode: observers are switched off whenever the graph is not training.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant import _torchao
+from lightning_quant.capture import detach_inputs, export
+from lightning_quant.config import QuantConfig
+from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
+
+aten = torch.ops.aten
+_BATCH_NORM = (aten.batch_norm.default, aten._native_batch_norm_legit.default, aten.cudnn_batch_norm.default)
+_DROPOUT = (aten.dropout.default,)
+
+
+def set_graph_training(gm: torch.fx.GraphModule, train: bool, bn_frozen: bool = False) -> bool:
+    """Flip only the ``training`` literal of BatchNorm and dropout nodes (BN stays in eval when ``bn_frozen``)."""
+    changed = False
+    bn_train = bool(train and not bn_frozen)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _BATCH_NORM and node.args[5] != bn_train:
+            node.args = (*node.args[:5], bn_train, *node.args[6:])
+            changed = True
+        elif node.target in _DROPOUT and node.args[2] != bool(train):
+            node.args = (*node.args[:2], bool(train), *node.args[3:])
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def restore_bn_literals(gm: torch.fx.GraphModule, float_module: nn.Module) -> int:
+    """Write the float module's BatchNorm ``momentum``/``eps`` back into the prepared graph.
+
+    ``prepare_qat_pt2e`` hard-codes ``momentum=0.1, eps=1e-5`` in the fused Conv+BN pattern (including the
+    ``running_var + eps`` node that scales the weight). Returns the number of BatchNorm nodes fixed.
+    """
+    fixed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _BATCH_NORM:
+            continue
+        running_var = node.args[4]
+        if getattr(running_var, "op", None) != "get_attr":
+            continue
+        owner = running_var.target.rpartition(".")[0]
+        try:
+            bn = float_module.get_submodule(owner)
+        except AttributeError:
+            continue
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        momentum = 0.1 if bn.momentum is None else float(bn.momentum)
+        node.args = (*node.args[:6], momentum, float(bn.eps), *node.args[8:])
+        for user in list(running_var.users):
+            if user.target == aten.add.Tensor and len(user.args) == 2 and isinstance(user.args[1], float):
+                user.args = (user.args[0], float(bn.eps))
+        fixed += 1
+    gm.recompile()
+    return fixed
+
+
+class QATGraph(nn.Module):
+    """The fake-quant stand-in for one float submodule (see the module docstring).
+
+    Args:
+        module: the float submodule; its Parameters and buffers are shared, not copied.
+        name: its dotted name (for messages and artifact names).
+        config: backend and export settings.
+    """
+
+    def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
+        super().__init__()
+        self._float = [module]
+        # Until captured, the float module is a child (so state_dict/.to()/parameters() still see it); after capture
+        # its Parameters and buffers live in the graph and it is only referenced.
+        self.source = module
+        self.name = name
+        self.config = config
+        self.gm: torch.fx.GraphModule | None = None
+        self.example_inputs: tuple[tuple, dict] | None = None
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self._graph_training: bool | None = None
+        self._fake_quants: list[nn.Module] = []
+
+    @property
+    def float_module(self) -> nn.Module:
+        return self._float[0]
+
+    @property
+    def captured(self) -> bool:
+        return self.gm is not None
+
+    # ------------------------------------------------------------------------------------------------- modes
+
+    def train(self, mode: bool = True) -> QATGraph:
+        self.training = mode
+        for m in self.modules():
+            m.training = mode  # flags only: exported graphs raise on .train()/.eval()
+        return self
+
+    def freeze_bn(self) -> None:
+        """BatchNorm uses and keeps its running statistics, in training too."""
+        self.bn_frozen = True
+        self._graph_training = None  # re-sync literals on the next call
+
+    def freeze_observers(self) -> None:
+        """Scales and zero points stop changing."""
+        self.observers_frozen = True
+        if self.gm is not None:
+            self.gm.apply(_torchao.disable_observer)
+
+    def _sync(self) -> None:
+        assert self.gm is not None
+        if self._graph_training is None or self._graph_training != self.training:
+            set_graph_training(self.gm, self.training, self.bn_frozen)
+            self._graph_training = self.training
+        observe = self.training and not self.observers_frozen
+        # Read the real buffer, not a Python flag: a checkpoint may have been saved while observers were off.
+        fq = self._fake_quants[0] if self._fake_quants else None
+        if fq is not None and bool(fq.observer_enabled[0]) != observe:
+            self.gm.apply(_torchao.enable_observer if observe else _torchao.disable_observer)
+
+    # ----------------------------------------------------------------------------------------------- capture
+
+    def capture(self, args: tuple, kwargs: dict) -> None:
+        """Export the float module in train mode from ``(args, kwargs)`` and prepare it for QAT."""
+        module = self.float_module
+        was_training = module.training
+        module.train()
+        try:
+            self.example_inputs = detach_inputs(args, kwargs)
+            shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
+            ep = export(shell, *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name)
+        finally:
+            module.train(was_training)
+        quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True)
+        gm = _torchao.prepare(ep.module(), quantizer, is_qat=True)
+        if _torchao.count_observers(gm) == 0:
+            raise ValueError(
+                f"The {self.config.backend!r} quantizer found nothing to quantize in {self.name!r} "
+                f"({type(module).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
+            )
+        restore_bn_literals(gm, module)
+        del self.source
+        self.gm = gm
+        self._fake_quants = [m for m in gm.modules() if _torchao.is_fake_quantize(m)][:1]  # a list: not a child
+        self._graph_training = None
+        if self.observers_frozen:
+            gm.apply(_torchao.disable_observer)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gm is None:
+            self.capture(args, kwargs)
+        self._sync()
+        return self.gm(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- convert
+
+    def convert(self) -> torch.fx.GraphModule:
+        """An int8 copy of the current fake-quant graph (eval semantics, on CPU); the training graph is untouched."""
+        if self.gm is None:
+            raise RuntimeError(f"QAT never ran on {self.name!r}: it was not called after the swap.")
+        gm = copy.deepcopy(self.gm).cpu()
+        set_graph_training(gm, False)
+        q = strip_unused_attrs(_torchao.convert(gm))
+        args, kwargs = self.example_inputs
+        q.meta[META_KEY] = {
+            "name": self.name,
+            "backend": self.config.backend,
+            "example_inputs": detach_inputs(args, kwargs),
+            "max_batch_size": self.config.max_batch_size,
+            "num_calibration_samples": None,
+            "observer": "qat",
+        }
+        return q
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, backend={self.config.backend!r}, captured={self.captured}, "
+            f"bn_frozen={self.bn_frozen}, observers_frozen={self.observers_frozen}"
+        )
+
