@@ -31,7 +31,7 @@ BAD_INPUTS = [
     (QuantConfig, {"modules": []}, ValueError, r"`modules` to name at least one submodule"),
     (QuantConfig, {"modules": ["model", " "]}, ValueError, r"`modules` to name at least one submodule"),
     (QuantConfig, {"modules": ["head", "head"]}, ValueError, r"`modules` to name each submodule once"),
-    (QuantConfig, {"modules": ["model", "model.conv"]}, ValueError, r"`modules` to name disjoint.*'model' contains 'model.conv'"),
+    (QuantConfig, {"modules": ["m", "m.conv"]}, ValueError, r"`modules` to name disjoint.*'m' contains 'm.conv'"),
     (QuantConfig, {"modules": ["self", "head"]}, ValueError, r"`modules` to name disjoint.*'self' contains 'head'"),
     (QuantConfig, {"modules": 5}, TypeError, r"`modules` to be None, a dotted submodule name or a list"),
     (QuantConfig, {"modules": ["model", 1]}, TypeError, r"`modules`"),

@@ -1,0 +1,332 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ConvBNReLULinear, KwargsNet, with_bn_statistics
+
+import lightning_quant
+import lightning_quant.export as export_mod
+from lightning_quant.export import ArtifactError, QuantizedArtifact, float_size_bytes, load, save
+from lightning_quant.quantize import quantize_ptq
+
+MAX_BATCH = 64
+SIDECAR_KEYS = {"backend", "sha256", "versions", "inputs", "max_batch_size", "in_spec", "out_spec", "size_bytes"}
+
+# Runs in a fresh interpreter that imports only torch and lightning_quant.export.load.
+FRESH_PROCESS = """
+import sys
+import torch
+from lightning_quant.export import load
+
+artifact, inputs, outputs = sys.argv[1:4]
+model = load(artifact)
+with torch.no_grad():
+    outs = [model(x) for x in torch.load(inputs)]
+torch.save({"outputs": outs, "torchao_imported": "torchao" in sys.modules}, outputs)
+"""
+
+
+def _fresh_process_outputs(artifact: Path, inputs: list[torch.Tensor], tmp_path: Path) -> dict:
+    torch.save(inputs, tmp_path / "inputs.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(artifact), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def _output_step(q: torch.fx.GraphModule) -> float:
+    """The scale of the int8 model's output quantization (one step of its output grid)."""
+    (out,) = [n for n in q.graph.nodes if n.op == "output"]
+    node = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    assert "dequantize_per_tensor" in str(node.target), node.target
+    return float(node.args[1])
+
+
+def _copy_artifact(src: Path, dst_dir: Path, *, sidecar: bool = True) -> Path:
+    dst = dst_dir / src.name
+    shutil.copyfile(src, dst)
+    if sidecar:
+        shutil.copyfile(str(src) + ".json", str(dst) + ".json")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    torch.manual_seed(0)
+    return with_bn_statistics(ConvBNReLULinear(), torch.randn(32, 1, 28, 28))
+
+
+def _export(float_model, backend: str, suffix: str, folder: Path) -> types.SimpleNamespace:
+    torch.manual_seed(1)
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(4)]
+    q = quantize_ptq(float_model, calib, backend=backend, num_calibration_samples=64, max_batch_size=MAX_BATCH)
+    path = folder / f"model{suffix}"
+    sidecar = save(q, path, metadata={"run": "test_export"})
+    return types.SimpleNamespace(q=q, path=path, sidecar=sidecar, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(float_model, tmp_path_factory):
+    return _export(float_model, "x86", ".pt2", tmp_path_factory.mktemp("x86"))
+
+
+@pytest.fixture(scope="module")
+def arm_artifact(float_model, tmp_path_factory):
+    pytest.importorskip("executorch")
+    return _export(float_model, "arm", ".pte", tmp_path_factory.mktemp("arm"))
+
+
+@pytest.fixture(scope="module")
+def x86_loaded(x86_artifact):
+    return load(x86_artifact.path)
+
+
+@pytest.fixture()
+def tiny_q(tiny_net):
+    """A cheap int8 x86 model (quantized, not exported)."""
+    return quantize_ptq(tiny_net(), [torch.randn(4, 3, 8, 8)], num_calibration_samples=4, max_batch_size=8)
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.slow
+def test_x86_round_trip_in_fresh_process(x86_artifact, tmp_path):
+    inputs = [torch.randn(1, 1, 28, 28), torch.randn(8, 1, 28, 28)]
+    got = _fresh_process_outputs(x86_artifact.path, inputs, tmp_path)
+    assert got["torchao_imported"] is False  # an AOTInductor package loads with plain torch
+    for x, out in zip(inputs, got["outputs"], strict=True):
+        with torch.no_grad():
+            ref = x86_artifact.q(x)
+        # AOTInductor's fused oneDNN int8 kernels vs the reference (decomposed q/dq) graph: equal up to float
+        # rounding, atol=1e-4. (Measured ~6e-8 here; a rare requantization rounding flip of one intermediate int8
+        # value would show as ~1e-3 — seen in about 1 of 700 samples on AMX at batch 64, never at these batches.)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_arm_round_trip_in_fresh_process(arm_artifact, tmp_path):
+    inputs = [torch.randn(1, 1, 28, 28), torch.randn(8, 1, 28, 28), torch.randn(MAX_BATCH, 1, 28, 28)]
+    got = _fresh_process_outputs(arm_artifact.path, inputs, tmp_path)
+    step = _output_step(arm_artifact.q)
+    for x, out in zip(inputs, got["outputs"], strict=True):
+        with torch.no_grad():
+            ref = arm_artifact.q(x)
+        assert out.shape == ref.shape == (x.shape[0], 10)
+        # XNNPACK requantizes with its own rounding: allow one step of the output grid. The step is read from the
+        # graph; (out.max()-out.min())/255 of a test batch underestimates it (measured 0.00333 vs 0.00364).
+        diff = float((out - ref).abs().max())
+        assert diff <= 1.01 * step + 1e-6, (x.shape[0], diff, step)
+
+
+@pytest.mark.slow
+def test_x86_loaded_in_process(x86_artifact, x86_loaded, float_model):
+    assert isinstance(x86_loaded, QuantizedArtifact)
+    assert x86_loaded.backend == "x86"
+    for batch in (1, 5, MAX_BATCH):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            out, fp32 = x86_loaded(x), float_model(x)
+        assert out.shape == (batch, 10)
+        assert float((out - fp32).abs().max()) < 0.1 * float(fp32.max() - fp32.min())
+    assert x86_loaded.train() is x86_loaded  # a compiled program: train()/eval() only move the flag
+    assert load(x86_artifact.path, backend="fbgemm").backend == "x86"  # aliases are accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_sidecar(request, backend):
+    art = request.getfixturevalue(f"{backend}_artifact")
+    on_disk = json.loads(Path(str(art.path) + ".json").read_text())
+    assert on_disk == art.sidecar
+    assert SIDECAR_KEYS <= set(on_disk)
+    assert on_disk["backend"] == backend
+    assert on_disk["file"] == art.path.name
+    assert on_disk["sha256"] == hashlib.sha256(art.path.read_bytes()).hexdigest()
+    assert on_disk["size_bytes"] == art.path.stat().st_size
+    assert on_disk["inputs"] == [{"shape": [None, 1, 28, 28], "dtype": "float32"}]
+    assert on_disk["max_batch_size"] == MAX_BATCH
+    assert on_disk["num_calibration_samples"] == 64
+    assert on_disk["run"] == "test_export"  # user metadata is merged in
+    versions = on_disk["versions"]
+    assert versions["torch"] == torch.__version__
+    assert versions["lightning-quant"] == lightning_quant.__version__
+    if backend == "arm":
+        import executorch  # noqa: F401
+
+        assert versions["executorch"] is not None
+        assert isinstance(on_disk["undelegated_ops"], list)
+    assert sorted(os.listdir(art.path.parent)) == [art.path.name, art.path.name + ".json"]  # no temp files left
+
+
+X86_SIZE_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="measured 310,651 / 810,178 bytes = 0.383x: the AOTInductor .so adds ~100 KiB of code (compressed) to the "
+    "~200 KiB of int8 weights of this 201k-parameter model",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("x86", marks=X86_SIZE_XFAIL), "arm"])
+def test_artifact_is_at_most_03x_float_size(request, float_model, backend):
+    art = request.getfixturevalue(f"{backend}_artifact")
+    ratio = art.path.stat().st_size / float_size_bytes(float_model)
+    assert ratio <= 0.3, f"{backend}: {art.path.stat().st_size} / {float_size_bytes(float_model)} = {ratio:.3f}x"
+
+
+# ------------------------------------------------------------------------------------------ load refuses
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`path` to be an artifact file.*does not exist"):
+        load(tmp_path / "nope.pt2")
+
+
+@pytest.mark.slow
+def test_load_missing_sidecar(x86_artifact, tmp_path):
+    path = _copy_artifact(x86_artifact.path, tmp_path, sidecar=False)
+    with pytest.raises(ArtifactError, match=r"has no sidecar 'model.pt2.json'"):
+        load(path)
+
+
+def test_load_invalid_sidecar(tmp_path):
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"not a package")
+    Path(str(path) + ".json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load(path)
+    Path(str(path) + ".json").write_text(json.dumps({"backend": "cuda", "sha256": "0"}))
+    with pytest.raises(ArtifactError, match="not a lightning-quant sidecar"):
+        load(path)
+
+
+@pytest.mark.slow
+def test_load_truncated_file(x86_artifact, tmp_path):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="does not match the sha256 in its sidecar"):
+        load(path)
+    with pytest.raises(ArtifactError, match="Could not load the AOTInductor package"):
+        load(path, verify=False)
+
+
+@pytest.mark.slow
+def test_load_wrong_backend(x86_artifact):
+    with pytest.raises(ArtifactError, match=r"is a 'x86' artifact, but backend='arm' was asked for"):
+        load(x86_artifact.path, backend="arm")
+    with pytest.raises(ArtifactError, match=r"'x86' artifact, but backend='qnnpack'"):
+        load(x86_artifact.path, backend="qnnpack")
+    with pytest.raises(ValueError, match=r"`backend`.*Did you mean 'arm'"):
+        load(x86_artifact.path, backend="amr")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        (
+            (torch.randn(2, 1, 27, 28),),
+            ValueError,
+            r"input 0 must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\]",
+        ),
+        ((torch.randn(1, 28, 28),), ValueError, r"must have shape \[None, 1, 28, 28\]"),
+        ((torch.randn(2, 1, 28, 28, dtype=torch.float64),), TypeError, r"input 0 must be float32, but got .*float64"),
+        ((torch.randn(MAX_BATCH + 1, 1, 28, 28),), ValueError, rf"batch {MAX_BATCH + 1} exceeds .* {MAX_BATCH};"),
+        ((torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)), ValueError, r"expects 1 inputs, but got 2"),
+        ((3.0,), TypeError, r"input 0 must be a Tensor, but got float"),
+    ],
+    ids=["shape", "ndim", "dtype", "batch-over-max", "count", "not-a-tensor"],
+)
+def test_loaded_artifact_checks_inputs(x86_loaded, args, exc, match):
+    with pytest.raises(exc, match=match):
+        x86_loaded(*args)
+
+
+# ------------------------------------------------------------------------------------------ save refuses
+
+
+@pytest.mark.parametrize("name", ["model.pte", "model", "model.pt2.zip"])
+def test_save_wrong_suffix(tiny_q, tmp_path, name):
+    with pytest.raises(ValueError, match=r"`path` to end with '\.pt2' for backend 'x86'"):
+        save(tiny_q, tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rejects_float_model(tiny_net, tmp_path):
+    with pytest.raises(TypeError, match=r"`quantized` to be an int8 model.*got TinyConvNet"):
+        save(tiny_net(), tmp_path / "model.pt2")
+
+
+@pytest.mark.slow
+def test_failed_save_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monkeypatch):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    sidecar = Path(str(path) + ".json")
+    before = path.read_bytes(), sidecar.read_bytes()
+
+    def broken_sha256(p):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod, "sha256_file", broken_sha256)
+    with pytest.raises(OSError, match="disk full"):
+        save(tiny_q, path)
+    monkeypatch.undo()
+
+    assert (path.read_bytes(), sidecar.read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(load(path)(x), x86_artifact.q(x), atol=1e-4, rtol=0)  # still the earlier model
+
+
+@pytest.fixture(scope="module")
+def kwargs_artifact(tmp_path_factory):
+    torch.manual_seed(2)
+    net = KwargsNet().eval()
+    calib = [{"x": torch.randn(8, 16), "scale": 0.5, "mask": torch.rand(8, 4)} for _ in range(4)]
+    q = quantize_ptq(net, calib, num_calibration_samples=32, max_batch_size=16)
+    path = tmp_path_factory.mktemp("kwargs") / "kw.pt2"
+    save(q, path)
+    return types.SimpleNamespace(q=q, path=path, loaded=load(path))
+
+
+@pytest.mark.slow
+def test_kwargs_model_round_trip(kwargs_artifact):
+    x, mask = torch.randn(5, 16), torch.rand(5, 4)
+    ref = kwargs_artifact.q(x=x, scale=0.5, mask=mask)
+    art = kwargs_artifact.loaded
+    assert json.loads(Path(str(kwargs_artifact.path) + ".json").read_text())["inputs"] == [
+        {"shape": [None, 16], "dtype": "float32"},
+        {"constant": "0.5"},
+        {"shape": [None, 4], "dtype": "float32"},
+    ]
+    # AOTInductor vs the reference graph, as above: atol=1e-4
+    torch.testing.assert_close(art(x=x, scale=0.5, mask=mask), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(art(mask=mask, x=x, scale=0.5), ref, atol=1e-4, rtol=0)  # keyword order is free
+    with pytest.raises(ValueError, match="expects 3 inputs, but got 2"):
+        art(x=x, mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="source bug: QuantizedArtifact._check skips non-tensor ('constant') inputs, so a loaded artifact silently "
+    "runs with the calibrated `scale=0.5` when called with another value (the in-process int8 model raises).",
+)
+def test_kwargs_artifact_refuses_another_constant(kwargs_artifact):
+    x, mask = torch.randn(5, 16), torch.rand(5, 4)
+    with pytest.raises(ValueError, match="scale"):
+        kwargs_artifact.loaded(x=x, scale=2.0, mask=mask)

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from helpers import ConvBNReLULinear, DataDependent, KwargsNet, output_range, with_bn_statistics
+from torch import nn
+
+from lightning_quant.capture import CaptureError
+from lightning_quant.config import QuantConfig
+from lightning_quant.quantize import META_KEY, CalibrationGraph, quantize_ptq
+
+
+def _close_to_fp32(q_out: torch.Tensor, fp32_out: torch.Tensor) -> None:
+    """int8 vs fp32 on random inputs: max |diff| under 10% of the fp32 output range (top-1 agreement not required)."""
+    q_out, fp32_out = q_out.detach(), fp32_out.detach()
+    diff = float((q_out - fp32_out).abs().max())
+    assert diff < 0.1 * output_range(fp32_out), (diff, output_range(fp32_out))
+
+
+@pytest.fixture(scope="module")
+def ptq_x86():
+    """The >=100k-parameter model, quantized for x86 while in train mode (so any BN update would show)."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(ConvBNReLULinear(), torch.randn(32, 1, 28, 28)).train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(8)]
+    q = quantize_ptq(model, calib, backend="x86", num_calibration_samples=128)
+    ns = types.SimpleNamespace(model=model, before=before, q=q, training_after=model.training)
+    model.eval()
+    return ns
+
+
+def test_model_has_at_least_100k_parameters(ptq_x86):
+    assert sum(p.numel() for p in ptq_x86.model.parameters()) >= 100_000
+
+
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_ptq_x86_dynamic_batch_close_to_fp32(ptq_x86, batch):
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.no_grad():
+        out, ref = ptq_x86.q(x), ptq_x86.model(x)
+    assert out.shape == (batch, 10)
+    assert out.dtype == torch.float32
+    _close_to_fp32(out, ref)
+
+
+def test_ptq_is_really_int8(ptq_x86):
+    """The result holds int8 weights and quantize ops, and no leftover fp32 conv/linear weights."""
+    q = ptq_x86.q
+    targets = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    assert any("quantize_per_tensor" in t for t in targets)
+    assert any("dequantize_per_channel" in t for t in targets)
+    dtypes = {t.dtype for t in list(q.parameters()) + list(q.buffers())}
+    assert torch.int8 in dtypes
+    weights = [t for t in list(q.parameters()) + list(q.buffers()) if t.dtype == torch.float32 and t.numel() >= 1000]
+    assert weights == []  # the large fp32 weights were dropped (strip_unused_attrs)
+    meta = q.meta[META_KEY]
+    assert (meta["backend"], meta["observer"], meta["num_calibration_samples"]) == ("x86", "histogram", 128)
+
+
+def test_input_model_state_dict_is_bit_identical(ptq_x86):
+    after = ptq_x86.model.state_dict()
+    assert list(after) == list(ptq_x86.before)
+    for k, v in ptq_x86.before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert ptq_x86.training_after is True  # the model's mode was not changed either
+    assert isinstance(ptq_x86.model.conv, nn.Conv2d)  # not swapped or padded in place
+
+
+def test_calibration_stops_after_num_calibration_samples(tiny_net):
+    drawn = []
+
+    def batches():
+        for i in range(10):
+            drawn.append(i)
+            yield torch.randn(16, 3, 8, 8)
+
+    q = quantize_ptq(tiny_net(), batches(), num_calibration_samples=32)
+    assert drawn == [0, 1]
+    assert q.meta[META_KEY]["num_calibration_samples"] == 32
+
+
+def test_input_fn_maps_items_to_inputs(tiny_net):
+    net = tiny_net()
+    items = [(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))) for _ in range(2)]
+    q = quantize_ptq(net, items, num_calibration_samples=16, input_fn=lambda batch: batch[0])
+    x = torch.randn(3, 3, 8, 8)
+    _close_to_fp32(q(x), net(x))
+
+
+def test_batch_one_calibration_gives_dynamic_batch(tiny_net):
+    net = tiny_net()
+    q = quantize_ptq(net, [torch.randn(1, 3, 8, 8) for _ in range(4)], num_calibration_samples=4, max_batch_size=32)
+    assert q.meta[META_KEY]["num_calibration_samples"] == 4
+    for batch in (1, 7, 32):
+        x = torch.randn(batch, 3, 8, 8)
+        out = q(x)
+        assert out.shape == (batch, 2)
+        _close_to_fp32(out, net(x))
+
+
+def test_kwargs_model_calibrated_with_dict_items():
+    net = KwargsNet().eval()
+    calib = [{"x": torch.randn(8, 16), "scale": 0.5, "mask": torch.rand(8, 4)} for _ in range(8)]
+    q = quantize_ptq(net, calib, num_calibration_samples=64)
+    x, mask = torch.randn(5, 16), torch.rand(5, 4)
+    ref = net(x, scale=0.5, mask=mask)
+    out = q(x=x, scale=0.5, mask=mask)
+    assert out.shape == (5, 4)
+    _close_to_fp32(out, ref)
+    torch.testing.assert_close(q(x, scale=0.5, mask=mask), out, rtol=0, atol=0)  # x may also come positionally
+    # a non-tensor kwarg is baked in at calibration: another value must fail loudly, not reuse 0.5 silently
+    with pytest.raises(Exception, match="scale"):
+        q(x=x, scale=2.0, mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("observer", "activation_observer"),
+    [
+        ("histogram", "HistogramObserver"),
+        ("minmax", "MinMaxObserver"),
+        ("moving_average", "MovingAverageMinMaxObserver"),
+    ],
+)
+def test_each_observer(tiny_net, observer, activation_observer):
+    net = tiny_net()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    graph = CalibrationGraph(net, "net", QuantConfig(observer=observer, num_calibration_samples=24))
+    with torch.no_grad():
+        for x in calib:
+            graph(x)
+    observers = {type(m).__name__ for m in graph.prepared.modules()}
+    assert activation_observer in observers
+    assert observers & {"HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver"} == {activation_observer}
+
+    q = quantize_ptq(net, calib, observer=observer, num_calibration_samples=24)
+    assert q.meta[META_KEY]["observer"] == observer
+    x = torch.randn(4, 3, 8, 8)
+    _close_to_fp32(q(x), net(x))
+
+
+def test_arm_backend(tiny_net):
+    pytest.importorskip("executorch")
+    net = tiny_net()
+    q = quantize_ptq(net, [torch.randn(8, 3, 8, 8) for _ in range(2)], backend="qnnpack", num_calibration_samples=16)
+    assert q.meta[META_KEY]["backend"] == "arm"
+    x = torch.randn(3, 3, 8, 8)
+    _close_to_fp32(q(x), net(x))
+
+
+def test_data_dependent_model_raises_capture_error():
+    with pytest.raises(CaptureError, match=r"could not capture 'DataDependent' \(DataDependent\)"):
+        quantize_ptq(DataDependent(), [torch.randn(4, 4)])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"num_calibration_samples": 0}, ValueError, r"`num_calibration_samples`"),
+        ({"calibration_data": []}, ValueError, r"`calibration_data` to yield at least one batch"),
+        ({"calibration_data": iter(())}, ValueError, r"`calibration_data` to yield at least one batch"),
+        ({"model": "resnet18"}, TypeError, r"`model` to be a torch.nn.Module, but got str"),
+        ({"model": lambda x: x}, TypeError, r"`model` to be a torch.nn.Module"),
+        ({"observer": "foo"}, ValueError, r"`observer`"),
+        ({"backend": "x87"}, ValueError, r"`backend`.*Did you mean 'x86'"),
+        ({"max_batch_size": 1}, ValueError, r"`max_batch_size`"),
+        ({"input_fn": 3}, TypeError, r"`input_fn` to be callable"),
+    ],
+    ids=["samples-0", "empty-list", "empty-iterator", "model-str", "model-function", "observer", "backend",
+         "max-batch-1", "input-fn"],
+)
+def test_bad_inputs(tiny_net, kwargs, exc, match):
+    args = {"model": tiny_net(), "calibration_data": [torch.randn(2, 3, 8, 8)], **kwargs}
+    with pytest.raises(exc, match=match):
+        quantize_ptq(args.pop("model"), args.pop("calibration_data"), **args)
