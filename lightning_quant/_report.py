@@ -1,5 +1,8 @@
-"""After conversion, shared by both callbacks: export each int8 submodule, reload it and check parity, evaluate it with
-the user's own ``validation_step``, log ``*_int8`` metrics, and print the fp32-vs-int8 summary table."""
+"""After conversion, shared by both callbacks: export, reload and check, evaluate, log, summarise.
+
+Each int8 submodule is exported and reloaded (parity against the in-process int8 model), evaluated with the user's own
+``validation_step``, logged as ``*_int8`` metrics, and summarised in the fp32-vs-int8 table.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +50,12 @@ class QuantReport:
             rows.append((f"size {name} (fp32 -> int8)", _kib(f), _kib(q), f"{q / f:.2f}x"))
         for name, (f, q) in self.latency_ms.items():
             rows.append(
-                (f"latency {name} (fp32 -> int8, batch {self.batch_size.get(name)})", f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x faster")
+                (
+                    f"latency {name} (fp32 -> int8, batch {self.batch_size.get(name)})",
+                    f"{f:.3f} ms",
+                    f"{q:.3f} ms",
+                    f"{f / q:.2f}x faster",
+                )
             )
         for name, d in self.parity_max_abs_diff.items():
             rows.append((f"reload parity {name}", "", f"{d:.2e}", "max |diff|"))

@@ -21,7 +21,7 @@ from lightning_quant.config import BACKENDS
 
 @contextlib.contextmanager
 def _quiet_import() -> Iterator[None]:
-    """torchao logs a warning per optional CUDA kernel library it cannot load on a CPU build; hide that noise."""
+    """Torchao logs a warning per optional CUDA kernel library it cannot load on a CPU build; hide that noise."""
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -139,7 +139,7 @@ def is_fake_quantize(module: nn.Module) -> bool:
 
 
 def enable_observer(module: nn.Module) -> None:
-    """torchao's ``enable_observer`` (``torch.ao``'s does nothing to torchao FakeQuantize modules)."""
+    """Torchao's ``enable_observer`` (``torch.ao``'s does nothing to torchao FakeQuantize modules)."""
     _pt2e().enable_observer(module)
 
 
@@ -172,7 +172,11 @@ def lower_to_executorch(ep: torch.export.ExportedProgram) -> tuple[bytes, list[s
 
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     _restore_dim_ranges(edge, ep)
-    names = (getattr(n.target, "__name__", str(n.target)) for n in edge.exported_program().graph.nodes if n.op == "call_function")
+    names = (
+        getattr(n.target, "__name__", str(n.target))
+        for n in edge.exported_program().graph.nodes
+        if n.op == "call_function"
+    )
     undelegated = sorted({n for n in names if n not in ("executorch_call_delegate", "getitem", "sym_size.int")})
     return edge.to_executorch().buffer, undelegated
 

@@ -41,10 +41,10 @@ def has_quantizable_layers(module: nn.Module) -> bool:
 
 
 def overrides_forward(root: nn.Module) -> bool:
-    """Whether ``type(root)`` defines its own ``forward`` (``nn.Module``'s raises ``NotImplementedError``)."""
+    """Whether ``root`` has a real ``forward`` (not ``nn.Module``'s, which raises, nor LightningModule's stub)."""
     for cls in type(root).__mro__:
         if "forward" in cls.__dict__:
-            return cls.__module__.split(".")[0] not in ("torch", "lightning", "pytorch_lightning")
+            return cls is not nn.Module and cls.__module__.split(".")[0] not in ("lightning", "pytorch_lightning")
     return False
 
 
@@ -56,7 +56,7 @@ def default_targets(root: nn.Module) -> tuple[str, ...]:
       ``("backbone", "head")``.
     """
     children = [(n, c) for n, c in root.named_children() if not _is_metric_or_loss(c)]
-    if any(isinstance(c, QUANTIZABLE) for _, c in children):
+    if overrides_forward(root) and any(isinstance(c, QUANTIZABLE) for _, c in children):
         return (SELF,)
     found = tuple(n for n, c in children if has_quantizable_layers(c))
     if not found:
@@ -134,9 +134,9 @@ ROUTE_ATTR = "_lightning_quant_forward"
 def install(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` in place of submodule ``name`` of ``root`` and return what was there.
 
-    For ``"self"``, ``new`` becomes a child of ``root`` and the root's ``forward`` is routed to it (an instance attribute
-    that passes the caller's args and kwargs through unchanged); the root's class is untouched. Returns the module
-    that was routed to before, or ``root`` itself when ``forward`` was the root's own.
+    For ``"self"``, ``new`` becomes a child of ``root`` and the root's ``forward`` is routed to it (an instance
+    attribute that passes the caller's args and kwargs through unchanged); the root's class is untouched. Returns the
+    module that was routed to before, or ``root`` itself when ``forward`` was the root's own.
     """
     if name == SELF:
         previous = installed(root, SELF)
@@ -237,7 +237,7 @@ def export(
         dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise CaptureError(
             f"torch.export could not capture {name!r} ({type(module).__name__}) for quantization: "
             f"{type(err).__name__}: {reason[:500]}. Make its forward traceable (no data-dependent Python control flow, "

@@ -20,7 +20,10 @@ def _demo(args: argparse.Namespace) -> int:
     pl.seed_everything(args.seed, verbose=False)
     dm = DemoData(data_dir=args.data, batch_size=128, train_subset=args.train_subset)
     if args.data and dm.name != "fashion-mnist":
-        print(f"error: --data {args.data!r} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)", file=sys.stderr)
+        print(
+            f"error: --data {args.data!r} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)",
+            file=sys.stderr,
+        )
         return 2
     backends = [b for b in args.backends.split(",") if b]
     if "arm" in backends and not _torchao.executorch_available():

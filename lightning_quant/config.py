@@ -88,7 +88,9 @@ def resolve_backend(backend: Any) -> Backend:
 def expect_positive_int(name: str, value: Any) -> int:
     """Validate an integer argument that must be >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected argument `{name}` to be a positive int, but got {value!r} of type {type(value).__name__}.")
+        raise TypeError(
+            f"Expected argument `{name}` to be a positive int, but got {value!r} of type {type(value).__name__}."
+        )
     if value <= 0:
         raise ValueError(f"Expected argument `{name}` to be a positive int (>= 1), but got {value}.")
     return value

@@ -113,7 +113,9 @@ class LitClassifier(pl.LightningModule):
 
     def configure_optimizers(self):  # noqa: D102
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, nesterov=True)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -130,7 +132,10 @@ class DemoData(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.name == "fashion-mnist":
-            self.train_set, self.val_set = load_fashion_mnist(self.data_dir, "train"), load_fashion_mnist(self.data_dir, "test")
+            self.train_set, self.val_set = (
+                load_fashion_mnist(self.data_dir, "train"),
+                load_fashion_mnist(self.data_dir, "test"),
+            )
         else:
             self.train_set, self.val_set = load_digits("train"), load_digits("test")
         if self.train_subset:

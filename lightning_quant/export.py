@@ -1,5 +1,6 @@
-"""Where an int8 model goes: backend artifacts (``.pt2`` AOTInductor package, ``.pte`` ExecuTorch program), their JSON
-sidecar, atomic writes, and loading them back as ready-to-run modules.
+"""Where an int8 model goes: backend artifacts, their JSON sidecar, atomic writes, and loading them back.
+
+Artifacts: ``.pt2`` AOTInductor package (x86), ``.pte`` ExecuTorch program lowered to XNNPACK (arm).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; artifacts are read by serving processes
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -82,13 +86,23 @@ def float_size_bytes(module: nn.Module) -> int:
 
 
 def _input_spec(args: tuple, kwargs: dict) -> list[dict[str, Any]]:
-    leaves, _ = tree_flatten((args, kwargs))
+    """One entry per flattened input: its name (``x``, ``args[0]``, ``mask``...) and shape/dtype, or its constant."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
     spec = []
-    for x in leaves:
+    for path, x in tree_flatten_with_path((args, kwargs))[0]:
+        where = keystr(path[1:])
+        name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"").replace("']['", ".")
         if isinstance(x, torch.Tensor):
-            spec.append({"shape": [None, *x.shape[1:]] if x.ndim else [], "dtype": str(x.dtype).replace("torch.", "")})
+            spec.append(
+                {
+                    "name": name,
+                    "shape": [None, *x.shape[1:]] if x.ndim else [],
+                    "dtype": str(x.dtype).replace("torch.", ""),
+                }
+            )
         else:
-            spec.append({"constant": repr(x)})
+            spec.append({"name": name, "constant": repr(x)})
     return spec
 
 
@@ -96,9 +110,11 @@ def _input_spec(args: tuple, kwargs: dict) -> list[dict[str, Any]]:
 
 
 def _compact_aoti_package(path: Path) -> None:
-    """Shrink an AOTInductor package: strip the debug sections of its shared library, drop the generated C++ sources
-    (kept by Inductor for debugging, never read at load), and deflate the archive. Outputs are unchanged; loading
-    reads deflated entries."""
+    """Shrink an AOTInductor package without changing what it computes.
+
+    Strips its shared library's unneeded symbols and debug sections, drops the generated C++ sources (kept by Inductor
+    for debugging, never read at load), and deflates the archive (loading reads deflated entries).
+    """
     strip = shutil.which("strip")
     tmp = path.with_suffix(path.suffix + ".compact")
     with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
@@ -110,7 +126,7 @@ def _compact_aoti_package(path: Path) -> None:
                 with tempfile.TemporaryDirectory() as d:
                     so = Path(d) / "lib.so"
                     so.write_bytes(data)
-                    if subprocess.run([strip, "--strip-debug", str(so)], capture_output=True).returncode == 0:
+                    if subprocess.run([strip, "--strip-unneeded", str(so)], capture_output=True).returncode == 0:
                         data = so.read_bytes()
             zout.writestr(info.filename, data)
     os.replace(tmp, path)
@@ -140,7 +156,8 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     path = Path(path)
     if path.suffix != backend.suffix:
         raise ValueError(
-            f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, but got {str(path)!r}."
+            f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, "
+            f"but got {str(path)!r}."
         )
     args, kwargs = info["example_inputs"]
     if backend.name == "x86":
@@ -246,16 +263,28 @@ class QuantizedArtifact(nn.Module):
         if len(leaves) != len(spec):
             raise ValueError(f"{self.path.name} expects {len(spec)} inputs, but got {len(leaves)}.")
         for i, (x, s) in enumerate(zip(leaves, spec)):
-            if "shape" not in s:
+            if "constant" in s:
+                if repr(x) != s["constant"]:
+                    raise ValueError(
+                        f"{self.path.name}: input `{s.get('name', i)}` was exported as the constant {s['constant']}, "
+                        f"but got {x!r}; "
+                        "non-tensor arguments are baked into the artifact. Export again with that value."
+                    )
                 continue
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{self.path.name}: input {i} must be a Tensor, but got {type(x).__name__}.")
+                raise TypeError(
+                    f"{self.path.name}: input `{s.get('name', i)}` must be a Tensor, but got {type(x).__name__}."
+                )
             shape = list(x.shape)
             want = s["shape"]
             if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
-                raise ValueError(f"{self.path.name}: input {i} must have shape {want} (None = batch), got {shape}.")
+                raise ValueError(
+                    f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch), got {shape}."
+                )
             if str(x.dtype).replace("torch.", "") != s["dtype"]:
-                raise TypeError(f"{self.path.name}: input {i} must be {s['dtype']}, but got {x.dtype}.")
+                raise TypeError(
+                    f"{self.path.name}: input `{s.get('name', i)}` must be {s['dtype']}, but got {x.dtype}."
+                )
             if want and x.shape[0] > self.sidecar["max_batch_size"]:
                 raise ValueError(
                     f"{self.path.name}: batch {x.shape[0]} exceeds the exported max_batch_size "
@@ -264,8 +293,13 @@ class QuantizedArtifact(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kw_spec = self._in_spec.children()[1] if self._in_spec.num_children == 2 else None
-        if kwargs and kw_spec is not None and kw_spec.context:
-            kwargs = {k: kwargs[k] for k in kw_spec.context if k in kwargs}
+        expected = list(kw_spec.context) if kw_spec is not None and kw_spec.context else []
+        unknown = sorted(set(kwargs) - set(expected))
+        if unknown:
+            raise TypeError(
+                f"{self.path.name} got unexpected keyword arguments {unknown}; it was exported with {expected}."
+            )
+        kwargs = {k: kwargs[k] for k in expected if k in kwargs}
         leaves, _ = tree_flatten((args, kwargs))
         self._check(leaves)
         tensors = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]

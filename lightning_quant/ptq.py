@@ -23,7 +23,9 @@ def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> P
     """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
     path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
     if path.exists() and not path.is_dir():
-        raise ValueError(f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path.")
+        raise ValueError(
+            f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path."
+        )
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -92,7 +94,9 @@ class PTQCallback(Callback):
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
-            raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
+            raise TypeError(
+                f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}."
+            )
         if not isinstance(evaluate, bool):
             raise TypeError(f"Expected argument `evaluate` to be a bool, but got {evaluate!r}.")
         if not isinstance(metric_suffix, str) or not metric_suffix:
@@ -127,8 +131,9 @@ class PTQCallback(Callback):
         resolve_dirpath(self.dirpath, trainer)
         if not has_validation_step(pl_module):
             raise ValueError(
-                f"PTQCallback calibrates by running `{type(pl_module).__name__}.validation_step` on calibration batches, "
-                "but it defines none. Define `validation_step`, or quantize with `lightning_quant.quantize_ptq(...)`."
+                f"PTQCallback calibrates by running `{type(pl_module).__name__}.validation_step` on calibration "
+                "batches, but it defines none. Define `validation_step`, or quantize with "
+                "`lightning_quant.quantize_ptq(...)`."
             )
 
     @override
@@ -144,8 +149,8 @@ class PTQCallback(Callback):
         other = "val" if source == "train" else "train"
         if loader is None:
             raise ValueError(
-                f"Expected a {source} dataloader for calibration (calibration_data={source!r}), but the trainer has none. "
-                f"Pass calibration_data={other!r} or give `fit` a {source} dataloader."
+                f"Expected a {source} dataloader for calibration (calibration_data={source!r}), but the trainer has "
+                f"none. Pass calibration_data={other!r} or give `fit` a {source} dataloader."
             )
         if loader_length(loader) == 0:
             raise ValueError(

@@ -86,17 +86,22 @@ class QATCallback(Callback):
         self.start_epoch = _expect_epoch("start_epoch", start_epoch, optional=False)
         self.freeze_bn_epoch = _expect_epoch("freeze_bn_epoch", freeze_bn_epoch, optional=True)
         self.freeze_observer_epoch = _expect_epoch("freeze_observer_epoch", freeze_observer_epoch, optional=True)
-        for name, value in (("freeze_bn_epoch", self.freeze_bn_epoch), ("freeze_observer_epoch", self.freeze_observer_epoch)):
+        for name, value in (
+            ("freeze_bn_epoch", self.freeze_bn_epoch),
+            ("freeze_observer_epoch", self.freeze_observer_epoch),
+        ):
             if value is not None and value < self.start_epoch:
                 raise ValueError(
-                    f"Expected argument `{name}` to be >= `start_epoch` ({self.start_epoch}), but got {value}: there is "
-                    f"nothing to freeze before QAT starts. Use {name}={self.start_epoch} or later."
+                    f"Expected argument `{name}` to be >= `start_epoch` ({self.start_epoch}), but got {value}: "
+                    f"there is nothing to freeze before QAT starts. Use {name}={self.start_epoch} or later."
                 )
         for name, value in (("export", export), ("evaluate", evaluate)):
             if not isinstance(value, bool):
                 raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
         if dirpath is not None and not isinstance(dirpath, str):
-            raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
+            raise TypeError(
+                f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}."
+            )
         if not isinstance(metric_suffix, str) or not metric_suffix:
             raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
         self.dirpath = dirpath
@@ -136,8 +141,8 @@ class QATCallback(Callback):
         max_epochs = trainer.max_epochs
         if isinstance(max_epochs, int) and 0 <= max_epochs <= self.start_epoch:
             raise ValueError(
-                f"Expected argument `start_epoch` ({self.start_epoch}) to be < the Trainer's max_epochs ({max_epochs}): "
-                f"QAT would never run. Lower `start_epoch` or raise `max_epochs`."
+                f"Expected argument `start_epoch` ({self.start_epoch}) to be < the Trainer's max_epochs "
+                f"({max_epochs}): QAT would never run. Lower `start_epoch` or raise `max_epochs`."
             )
         if self.export:
             resolve_dirpath(self.dirpath, trainer)
@@ -203,8 +208,8 @@ class QATCallback(Callback):
         saved = tuple(state_dict.get("targets", ()))
         if saved and self.targets and saved != self.targets:
             raise ValueError(
-                f"The checkpoint was trained with QAT on {list(saved)}, but `modules` now selects {list(self.targets)}. "
-                "Resume with the same `modules`."
+                f"The checkpoint was trained with QAT on {list(saved)}, but `modules` now selects "
+                f"{list(self.targets)}. Resume with the same `modules`."
             )
 
 

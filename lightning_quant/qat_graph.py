@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_quant import _torchao
-from lightning_quant.capture import detach_inputs, export
+from lightning_quant.capture import SELF, detach_inputs, export
 from lightning_quant.config import QuantConfig
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
@@ -92,9 +92,11 @@ class QATGraph(nn.Module):
     def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
         super().__init__()
         self._float = [module]
-        # Until captured, the float module is a child (so state_dict/.to()/parameters() still see it); after capture
-        # its Parameters and buffers live in the graph and it is only referenced.
-        self.source = module
+        if name != SELF:
+            # Until captured, the float module is a child (so state_dict/.to()/parameters() still see it); after
+            # capture its Parameters and buffers live in the graph and it is only referenced. For "self" the root
+            # owns them already (and a child pointing back at the root would be a cycle).
+            self.source = module
         self.name = name
         self.config = config
         self.gm: torch.fx.GraphModule | None = None
@@ -163,7 +165,7 @@ class QATGraph(nn.Module):
                 f"({type(module).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
             )
         restore_bn_literals(gm, module)
-        del self.source
+        self._modules.pop("source", None)
         self.gm = gm
         self._fake_quants = [m for m in gm.modules() if _torchao.is_fake_quantize(m)][:1]  # a list: not a child
         self._graph_training = None
@@ -201,4 +203,3 @@ class QATGraph(nn.Module):
             f"name={self.name!r}, backend={self.config.backend!r}, captured={self.captured}, "
             f"bn_frozen={self.bn_frozen}, observers_frozen={self.observers_frozen}"
         )
-

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_quant import _torchao
-from lightning_quant.capture import batch_size_of, detach_inputs, export
+from lightning_quant.capture import ROUTE_ATTR, batch_size_of, detach_inputs, export
 from lightning_quant.config import QuantConfig
 
 #: key of the converted GraphModule's ``meta`` dict where capture details are kept for export
@@ -24,8 +24,10 @@ META_KEY = "lightning_quant"
 
 
 def as_call(batch: Any) -> tuple[tuple, dict]:
-    """Turn one calibration item into call arguments: a Tensor is one positional arg, a tuple/list are positional
-    args, a dict are keyword args."""
+    """Turn one calibration item into call arguments.
+
+    A Tensor is one positional argument, a tuple/list are positional arguments, a dict are keyword arguments.
+    """
     if isinstance(batch, dict):
         return (), dict(batch)
     if isinstance(batch, (tuple, list)):
@@ -103,7 +105,8 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
 def capturable(module: nn.Module, backend: str) -> nn.Module:
     """What to hand to ``torch.export`` for ``backend``: ``module`` itself, or a rewritten structural copy."""
     shell = structural_copy(module)
-    shell.__dict__.pop("forward", None)  # never capture an instance-level routing
+    shell.__dict__.pop("forward", None)  # never capture an instance-level routing...
+    shell._modules.pop(ROUTE_ATTR, None)  # ...nor what it routes to
     return shell
 
 
@@ -212,6 +215,11 @@ def quantize_ptq(
         num_calibration_samples=num_calibration_samples,
         max_batch_size=max_batch_size,
     )
+    if isinstance(calibration_data, torch.Tensor):
+        raise TypeError(
+            "Expected argument `calibration_data` to be an iterable of batches (a DataLoader or a list of tensors), "
+            "but got a single Tensor, whose rows would be taken as samples. Pass `[tensor]` or a DataLoader."
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     if input_fn is not None and not callable(input_fn):

@@ -141,12 +141,6 @@ def test_default_targets_bare_linear_child_means_self():
     assert default_targets(root) == ("self",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: default_targets picks ('self',) whenever the root has a direct Conv/Linear child, without "
-    "checking overrides_forward(root); resolve_targets then rejects its own default ('defines no `forward`'). "
-    "overrides_forward also treats a forward defined in any `torch` class (nn.Sequential) as missing.",
-)
 @pytest.mark.parametrize(
     "make_root",
     [
@@ -166,8 +160,12 @@ def test_default_targets_are_always_resolvable(make_root):
 @pytest.mark.parametrize(
     ("root", "modules", "match"),
     [
-        (WithModel, ("modle",), r"`modules` to name submodules of `WithModel`, but 'modle' does not exist\. "
-         r"Did you mean 'model'"),
+        (
+            WithModel,
+            ("modle",),
+            r"`modules` to name submodules of `WithModel`, but 'modle' does not exist\. "
+            r"Did you mean 'model'",
+        ),
         (BackboneHead, ("head", "backbone.9"), r"'backbone.9' does not exist.*Its children are: 'backbone', 'head'"),
         (NoForward, ("self",), r"'self' was chosen and `NoForward` defines no `forward`"),
         (BackboneHead, ("backbone.1",), r"'backbone.1' \(ReLU\) has no Conv/Linear layer"),

@@ -128,4 +128,3 @@ def test_any_value_is_accepted_or_rejected_naming_the_field(field, value):
         assert got is None or (isinstance(got, tuple) and got and all(n and n == n.strip() for n in got))
     else:
         assert type(got) is int and got >= (2 if field == "max_batch_size" else 1)
-

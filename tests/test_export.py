@@ -158,7 +158,7 @@ def test_sidecar(request, backend):
     assert on_disk["file"] == art.path.name
     assert on_disk["sha256"] == hashlib.sha256(art.path.read_bytes()).hexdigest()
     assert on_disk["size_bytes"] == art.path.stat().st_size
-    assert on_disk["inputs"] == [{"shape": [None, 1, 28, 28], "dtype": "float32"}]
+    assert on_disk["inputs"] == [{"name": "args[0]", "shape": [None, 1, 28, 28], "dtype": "float32"}]
     assert on_disk["max_batch_size"] == MAX_BATCH
     assert on_disk["num_calibration_samples"] == 64
     assert on_disk["run"] == "test_export"  # user metadata is merged in
@@ -242,13 +242,17 @@ def test_load_wrong_backend(x86_artifact):
         (
             (torch.randn(2, 1, 27, 28),),
             ValueError,
-            r"input 0 must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\]",
+            r"input `args\[0\]` must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\]",
         ),
         ((torch.randn(1, 28, 28),), ValueError, r"must have shape \[None, 1, 28, 28\]"),
-        ((torch.randn(2, 1, 28, 28, dtype=torch.float64),), TypeError, r"input 0 must be float32, but got .*float64"),
+        (
+            (torch.randn(2, 1, 28, 28, dtype=torch.float64),),
+            TypeError,
+            r"input `args\[0\]` must be float32, but got .*float64",
+        ),
         ((torch.randn(MAX_BATCH + 1, 1, 28, 28),), ValueError, rf"batch {MAX_BATCH + 1} exceeds .* {MAX_BATCH};"),
         ((torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)), ValueError, r"expects 1 inputs, but got 2"),
-        ((3.0,), TypeError, r"input 0 must be a Tensor, but got float"),
+        ((3.0,), TypeError, r"input `args\[0\]` must be a Tensor, but got float"),
     ],
     ids=["shape", "ndim", "dtype", "batch-over-max", "count", "not-a-tensor"],
 )
@@ -309,9 +313,9 @@ def test_kwargs_model_round_trip(kwargs_artifact):
     ref = kwargs_artifact.q(x=x, scale=0.5, mask=mask)
     art = kwargs_artifact.loaded
     assert json.loads(Path(str(kwargs_artifact.path) + ".json").read_text())["inputs"] == [
-        {"shape": [None, 16], "dtype": "float32"},
-        {"constant": "0.5"},
-        {"shape": [None, 4], "dtype": "float32"},
+        {"name": "x", "shape": [None, 16], "dtype": "float32"},
+        {"name": "scale", "constant": "0.5"},
+        {"name": "mask", "shape": [None, 4], "dtype": "float32"},
     ]
     # AOTInductor vs the reference graph, as above: atol=1e-4
     torch.testing.assert_close(art(x=x, scale=0.5, mask=mask), ref, atol=1e-4, rtol=0)
@@ -321,11 +325,6 @@ def test_kwargs_model_round_trip(kwargs_artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: QuantizedArtifact._check skips non-tensor ('constant') inputs, so a loaded artifact silently "
-    "runs with the calibrated `scale=0.5` when called with another value (the in-process int8 model raises).",
-)
 def test_kwargs_artifact_refuses_another_constant(kwargs_artifact):
     x, mask = torch.randn(5, 16), torch.rand(5, 4)
     with pytest.raises(ValueError, match="scale"):

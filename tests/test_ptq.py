@@ -66,7 +66,11 @@ class AttrLayout(_Base):
     def __init__(self) -> None:
         super().__init__()
         self.model = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
             nn.Linear(8 * 6 * 6, 4),
         )
 
@@ -332,9 +336,25 @@ def test_missing_or_empty_calibration_loader(source, train, val, match):
 def test_demo_command_prints_the_comparison(tmp_path):
     backends = "x86,arm" if _torchao.executorch_available() else "x86"
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_quant.cli", "demo", "--epochs", "1", "--train-subset", "2000",
-         "--backends", backends, "--calibration-samples", "256", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "lightning_quant.cli",
+            "demo",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "2000",
+            "--backends",
+            backends,
+            "--calibration-samples",
+            "256",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fp32 eager" in out.stdout

@@ -168,8 +168,17 @@ def test_data_dependent_model_raises_capture_error():
         ({"max_batch_size": 1}, ValueError, r"`max_batch_size`"),
         ({"input_fn": 3}, TypeError, r"`input_fn` to be callable"),
     ],
-    ids=["samples-0", "empty-list", "empty-iterator", "model-str", "model-function", "observer", "backend",
-         "max-batch-1", "input-fn"],
+    ids=[
+        "samples-0",
+        "empty-list",
+        "empty-iterator",
+        "model-str",
+        "model-function",
+        "observer",
+        "backend",
+        "max-batch-1",
+        "input-fn",
+    ],
 )
 def test_bad_inputs(tiny_net, kwargs, exc, match):
     args = {"model": tiny_net(), "calibration_data": [torch.randn(2, 3, 8, 8)], **kwargs}

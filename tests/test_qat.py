@@ -1,0 +1,295 @@
+"""QATCallback inside real Trainer fits: the swap, the freezes, mode flips, export parity, bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
+from torch import nn
+
+from lightning_quant import QATCallback, QATGraph, _torchao
+from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
+
+
+class DropoutNet(_Base):
+    """Conv-BN-ReLU-Dropout-Linear with non-default BN eps/momentum and dropout p, and an LR schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8, eps=1e-3, momentum=0.05),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(8 * 6 * 6, 4),
+        )
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+
+def _fake_quants(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if _torchao.is_fake_quantize(m)]
+
+
+def _observer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, fq in enumerate(_fake_quants(module)):
+        for k, v in fq.state_dict().items():
+            if any(s in k for s in ("scale", "zero_point", "min_val", "max_val")):
+                out[f"{i}.{k}"] = v.detach().clone()
+    return out
+
+
+def _bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    # keys move from `model.source.*` to `model.gm.*` when the graph is captured; compare by the float names
+    sd = module.state_dict()
+    return {
+        k.replace(".source.", ".").replace(".gm.", "."): v.detach().clone() for k, v in sd.items() if "running" in k
+    }
+
+
+def _changed(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+class Probe(Callback):
+    """Records, per epoch: swap state, optimizer identity, LR; observer/BN state around epochs and validations."""
+
+    def __init__(self) -> None:
+        self.swapped_at_train_start: dict[int, bool] = {}
+        self.epoch_changes: dict[int, tuple[list[str], list[str]]] = {}
+        self.val_changes: list[list[str]] = []
+        self.lrs: dict[int, float] = {}
+        self.params_before: list[nn.Parameter] | None = None
+        self.momentum_before: dict[int, torch.Tensor] = {}
+        self.identity_after_swap: dict[int, tuple[bool, bool]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        # runs after QATCallback's hook (callbacks run in list order; the probe is placed after it)
+        e = trainer.current_epoch
+        self.swapped_at_train_start[e] = isinstance(pl_module.model, QATGraph)
+        opt = trainer.optimizers[0]
+        self.lrs[e] = opt.param_groups[0]["lr"]
+        self._obs, self._bn = _observer_state(pl_module), _bn_stats(pl_module)
+        if self.params_before is None:
+            self.params_before = list(opt.param_groups[0]["params"])
+        if e == 0:
+            return
+        self.momentum_before = {id(p): opt.state[p]["momentum_buffer"] for p in self.params_before if p in opt.state}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        e = trainer.current_epoch
+        if batch_idx == 0 and e not in self.identity_after_swap and isinstance(pl_module.model, QATGraph):
+            opt = trainer.optimizers[0]
+            graph_params = set(map(id, pl_module.parameters()))
+            same_objects = [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in self.params_before]
+            in_graph = all(id(p) in graph_params for p in opt.param_groups[0]["params"])
+            momentum_kept = all(
+                opt.state[p]["momentum_buffer"] is self.momentum_before.get(id(p)) for p in self.params_before
+            )
+            self.identity_after_swap[e] = (same_objects and in_graph, momentum_kept)
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self._train_end_obs, self._train_end_bn = _observer_state(pl_module), _bn_stats(pl_module)
+        e = trainer.current_epoch
+        self.epoch_changes[e] = (
+            _changed(self._obs, self._train_end_obs) if self._obs else None,
+            _changed(self._bn, self._train_end_bn),
+        )
+        self._val_obs = self._train_end_obs
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self.val_changes.append(_changed(self._val_obs, _observer_state(pl_module)))
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qat")
+    pl.seed_everything(0)
+    model = DropoutNet()
+    qat = QATCallback(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3, dirpath=str(tmp / "q"))
+    probe = Probe()
+    trainer = _fit(model, [qat, probe], tmp, max_epochs=4)
+    return model, qat, probe, trainer, tmp
+
+
+@pytest.mark.slow
+def test_swap_happens_at_start_epoch_in_the_chosen_submodule(qat_run):
+    model, qat, probe, _, _ = qat_run
+    assert probe.swapped_at_train_start == {0: False, 1: True, 2: True, 3: True}
+    assert isinstance(model.model, QATGraph) and model.model.captured
+    assert len(_fake_quants(model.model)) >= 4
+    assert not _fake_quants(model.val_acc)
+
+
+@pytest.mark.slow
+def test_optimizer_parameters_momentum_and_schedule_carry_on(qat_run):
+    _, _, probe, _, _ = qat_run
+    assert probe.identity_after_swap[1] == (True, True)
+    assert probe.lrs == pytest.approx({0: 0.05, 1: 0.025, 2: 0.0125, 3: 0.00625})
+
+
+@pytest.mark.slow
+def test_observers_frozen_after_freeze_epoch_and_never_updated_by_validation(qat_run):
+    _, _, probe, _, _ = qat_run
+    obs_changed = {e: c[0] for e, c in probe.epoch_changes.items()}
+    assert obs_changed[0] is None and obs_changed[1] is None  # no observers before the first QAT forward
+    assert len(obs_changed[2]) >= 4, "observers must move while QAT trains"
+    assert obs_changed[3] == []
+    assert probe.val_changes and all(c == [] for c in probe.val_changes)
+
+
+@pytest.mark.slow
+def test_bn_frozen_after_freeze_epoch_and_literals_kept(qat_run):
+    model, _, probe, _, _ = qat_run
+    bn_changed = {e: c[1] for e, c in probe.epoch_changes.items()}
+    assert bn_changed[0] and bn_changed[1]
+    assert bn_changed[2] == [] and bn_changed[3] == []
+    nodes = list(model.model.gm.graph.nodes)
+    bn = [n.args for n in nodes if "batch_norm" in str(n.target)]
+    assert bn and all(a[6] == 0.05 and a[7] == 1e-3 for a in bn)
+    adds = [n.args[1] for n in nodes if n.target == torch.ops.aten.add.Tensor and "running_var" in str(n.args[0])]
+    assert adds == [1e-3] * len(adds)
+    drop = [n.args for n in nodes if "dropout" in str(n.target)]
+    assert drop and all(a[1] == 0.25 for a in drop)
+
+
+@pytest.mark.slow
+def test_metrics_and_artifact_after_fit(qat_run):
+    model, qat, _, trainer, _ = qat_run
+    metrics = trainer.callback_metrics
+    assert "val_acc_int8" in metrics
+    assert abs(metrics["val_acc_int8"] - metrics["val_acc"]) <= 0.05
+    assert qat.report.artifacts["model"].is_file()
+    # the LightningModule is still a trainable fake-quant model after export
+    assert isinstance(model.model, QATGraph)
+    _fit(model, [], qat_run[4], max_epochs=1)
+
+
+def _fresh_process_parity(artifact, x, expected, tmp_path):
+    torch.save({"x": x}, tmp_path / "in.pt")
+    code = (
+        "import torch; from lightning_quant import load; "
+        f"d = torch.load({str(tmp_path / 'in.pt')!r}); "
+        f"torch.save(load({str(artifact)!r})(d['x']), {str(tmp_path / 'out.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    return (torch.load(tmp_path / "out.pt") - expected).abs().max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_exported_artifact_matches_fake_quant_eval_outputs(backend, tmp_path):
+    pl.seed_everything(0)
+    model = DropoutNet()
+    qat = QATCallback(backend=backend, start_epoch=0, freeze_bn_epoch=1, freeze_observer_epoch=1, dirpath=str(tmp_path))
+    _fit(model, [qat], tmp_path, max_epochs=2)
+    x = _data(16, seed=5).tensors[0]
+    model.eval()
+    with torch.no_grad():
+        fake_quant = model.model(x)
+    diff = _fresh_process_parity(qat.report.artifacts["model"], x, fake_quant, tmp_path)
+    # Tolerance: fake-quant and int8 differ by rounding at each requantization; allow two output quantization
+    # steps (the logits' range / 255 per step).
+    step = float(fake_quant.max() - fake_quant.min()) / 255
+    assert diff <= 2 * step + 1e-5, (diff, step)
+
+
+@pytest.mark.slow
+def test_qat_on_layers_defined_on_the_lightning_module(tmp_path):
+    pl.seed_everything(0)
+    model = FlatLayout()
+    qat = QATCallback(start_epoch=0, dirpath=str(tmp_path))
+    trainer = _fit(model, [qat], tmp_path, max_epochs=2)
+    assert isinstance(model._lightning_quant_forward, QATGraph)
+    assert "val_acc_int8" in trainer.callback_metrics
+    x = _data(4, seed=2).tensors[0]
+    assert model(x, temperature=1.0).shape == (4, 4)  # kwargs still reach the fake-quant graph
+    # non-tensor arguments are fixed at capture (torch.export specialises them): another value is refused
+    with pytest.raises(Exception, match="temperature"):
+        model(x, temperature=2.0)
+
+
+def test_graph_helpers_flip_only_the_training_literal():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.01), nn.Dropout(0.2)).train()
+    gm = torch.export.export(net, (torch.randn(2, 1, 6, 6),)).module()
+    prepared = _torchao.prepare(gm, _torchao.get_quantizer("x86", is_qat=True), is_qat=True)
+    assert restore_bn_literals(prepared, net) == 1
+    set_graph_training(prepared, False)
+    args = {str(n.target): n.args for n in prepared.graph.nodes if n.op == "call_function"}
+    assert args["aten.batch_norm.default"][5:8] == (False, 0.01, 1e-3)
+    assert args["aten.dropout.default"][1:] == (0.2, False)
+    set_graph_training(prepared, True, bn_frozen=True)
+    args = {str(n.target): n.args for n in prepared.graph.nodes if n.op == "call_function"}
+    assert args["aten.batch_norm.default"][5] is False and args["aten.dropout.default"][2] is True
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"start_epoch": -1}, ValueError, r"`start_epoch`.*non-negative"),
+        ({"start_epoch": 1.0}, TypeError, r"`start_epoch`"),
+        ({"freeze_bn_epoch": -2}, ValueError, r"`freeze_bn_epoch`"),
+        ({"start_epoch": 3, "freeze_bn_epoch": 2}, ValueError, r"`freeze_bn_epoch`.*>= `start_epoch` \(3\)"),
+        ({"start_epoch": 3, "freeze_observer_epoch": 1}, ValueError, r"`freeze_observer_epoch`.*>= `start_epoch`"),
+        ({"freeze_observer_epoch": "4"}, TypeError, r"`freeze_observer_epoch`"),
+        ({"backend": "armv7"}, ValueError, r"`backend`.*Did you mean 'arm'"),
+        ({"modules": []}, ValueError, r"`modules`"),
+        ({"export": 1}, TypeError, r"`export`"),
+        ({"metric_suffix": None}, ValueError, r"`metric_suffix`"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QATCallback(**kwargs)
+
+
+def test_start_epoch_past_max_epochs_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError, match=r"`start_epoch` \(2\).*max_epochs \(2\).*never run"):
+        _fit(DropoutNet(), [QATCallback(start_epoch=2, dirpath=str(tmp_path))], tmp_path, max_epochs=2)
+
+
+def test_modules_naming_nothing_fails_at_setup(tmp_path):
+    model = DropoutNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'backbone' does not exist"):
+        _fit(model, [QATCallback(modules="backbone", dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(144, 4)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
+
+
+class UntraceableNet(_Base):
+    def __init__(self):
+        super().__init__()
+        self.model = _Untraceable()
+
+
+def test_untraceable_submodule_names_it(tmp_path):
+    from lightning_quant import CaptureError
+
+    with pytest.raises(CaptureError, match=r"could not capture 'model' \(_Untraceable\)"):
+        _fit(UntraceableNet(), [QATCallback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
