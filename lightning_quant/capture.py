@@ -23,6 +23,8 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
 SELF = "self"
+#: child name under which a stand-in for the root's own forward is registered
+ROUTE_ATTR = "_lightning_quant_forward"
 #: layer types the PT2E quantizers turn into int8 kernels
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
 
@@ -37,7 +39,8 @@ def _is_metric_or_loss(module: nn.Module) -> bool:
 
 
 def has_quantizable_layers(module: nn.Module) -> bool:
-    return any(isinstance(m, QUANTIZABLE) for m in module.modules())
+    """Conv/Linear layers below ``module``, or a stand-in this package installed for such a module."""
+    return any(isinstance(m, QUANTIZABLE) or getattr(m, "is_lightning_quant_stand_in", False) for m in module.modules())
 
 
 def overrides_forward(root: nn.Module) -> bool:
@@ -55,6 +58,8 @@ def default_targets(root: nn.Module) -> tuple[str, ...]:
     * Otherwise every direct child holding Conv/Linear layers (metrics and losses excluded), e.g. ``("model",)`` or
       ``("backbone", "head")``.
     """
+    if isinstance(root._modules.get(ROUTE_ATTR), nn.Module):
+        return (SELF,)  # already routed by this package
     children = [(n, c) for n, c in root.named_children() if not _is_metric_or_loss(c)]
     if overrides_forward(root) and any(isinstance(c, QUANTIZABLE) for _, c in children):
         return (SELF,)
@@ -126,9 +131,6 @@ class _RoutedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.root_ref, self.attr)(*args, **kwargs)
-
-
-ROUTE_ATTR = "_lightning_quant_forward"
 
 
 def install(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

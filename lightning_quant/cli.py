@@ -10,10 +10,12 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import copy
+
     import lightning.pytorch as pl
     import torch
 
-    from lightning_quant import PTQCallback, _torchao
+    from lightning_quant import PTQCallback, QATCallback, _torchao
     from lightning_quant.demo import DemoData, LitClassifier
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -30,30 +32,40 @@ def _demo(args: argparse.Namespace) -> int:
         print('note: executorch is not installed, skipping ARM (pip install "lightning-quant[arm]")')
         backends.remove("arm")
     out = Path(args.out)
-    callbacks = [
+    trainer_kwargs = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    start = time.perf_counter()
+
+    # 1. fp32 training, then PTQ for each backend when fit ends
+    ptq = [
         PTQCallback(
             backend=b,
             num_calibration_samples=args.calibration_samples,
-            dirpath=str(out / b),
+            dirpath=str(out / "ptq" / b),
             metric_suffix=f"_int8_{b}",
         )
         for b in backends
     ]
-    print(f"lightning-quant demo: {dm.name}, {args.epochs} epoch(s), backends {backends}, artifacts in {out}/")
-    model = LitClassifier(image_size=dm.image_size, lr=args.lr)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=list(callbacks),  # the Trainer appends its own callbacks to the list it is given
-        enable_model_summary=False,
-        default_root_dir=str(out),
+    print(
+        f"lightning-quant demo: {dm.name}, {args.epochs} fp32 epoch(s) + {args.qat_epochs} QAT epoch(s), "
+        f"backends {backends}, artifacts in {out}/"
     )
-    start = time.perf_counter()
+    model = LitClassifier(image_size=dm.image_size, lr=args.lr)
+    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=list(ptq), default_root_dir=str(out), **trainer_kwargs)
     trainer.fit(model, dm)
+    reports = [cb.report for cb in ptq if cb.report]
+
+    # 2. QAT fine-tuning of the trained float model, once per backend (from the same float weights)
+    if args.qat_epochs > 0:
+        for b in backends:
+            qat = QATCallback(backend=b, start_epoch=0, dirpath=str(out / "qat" / b), metric_suffix=f"_int8_{b}")
+            student = copy.deepcopy(model)
+            student.hparams.lr = args.lr * args.qat_lr_scale
+            tuner = pl.Trainer(max_epochs=args.qat_epochs, callbacks=[qat], default_root_dir=str(out), **trainer_kwargs)
+            tuner.fit(student, dm)
+            if qat.report:
+                reports.append(qat.report)
     print()
-    print(_demo_table(dm.name, [cb.report for cb in callbacks if cb.report]))
+    print(_demo_table(dm.name, reports))
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -67,22 +79,21 @@ def _demo_table(dataset: str, reports: list) -> str:
     fp32_size, _ = first.size_bytes[name]
     fp32_ms, _ = first.latency_ms[name]
     batch = first.batch_size[name]
-    rows = [("model", f"{dataset} test accuracy", "delta", "size", f"latency (batch {batch})", "vs fp32 eager")]
+    rows = [("model", f"{dataset} test accuracy", "vs fp32", "size", f"latency (batch {batch})", "vs fp32 eager")]
     fp32_acc = first.metrics_fp32.get(acc_key, float("nan"))
     rows.append(("fp32 eager", f"{fp32_acc:.4f}", "", f"{fp32_size / 1024:.0f} KiB", f"{fp32_ms:.2f} ms", "1.00x"))
     for r in reports:
         acc = r.metrics_int8.get(acc_key, float("nan"))
         _, size = r.size_bytes[name]
-        f_ms, q_ms = r.latency_ms[name]
-        artifact = r.artifacts[name].suffix
+        _, q_ms = r.latency_ms[name]
         rows.append(
             (
-                f"{r.method} int8 {r.backend} ({artifact})",
+                f"{r.method} int8 {r.backend} ({r.artifacts[name].suffix})",
                 f"{acc:.4f}",
                 f"{acc - fp32_acc:+.4f}",
                 f"{size / 1024:.0f} KiB ({size / fp32_size:.2f}x)",
                 f"{q_ms:.2f} ms",
-                f"{f_ms / q_ms:.2f}x faster",
+                f"{fp32_ms / q_ms:.2f}x faster",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -94,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small CNN on real data, quantize it (PTQ) for x86 and ARM, print fp32 vs int8",
+        help="train a small CNN on real data, quantize it (PTQ and QAT) for x86 and ARM, print fp32 vs int8",
         description="Train a small CNN on Fashion-MNIST (Debian's dataset-fashion-mnist, or --data), else on "
-        "scikit-learn's digits; then PTQ to int8 for x86 (.pt2) and ARM (.pte) and print the comparison.",
+        "scikit-learn's digits; then PTQ and a QAT fine-tune to int8 for x86 (.pt2) and ARM (.pte), and print the "
+        "comparison.",
     )
     demo.add_argument("--data", default=None, help="folder with Fashion-MNIST *-ubyte.gz files")
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--lr", type=float, default=0.05)
+    demo.add_argument("--qat-epochs", type=int, default=1, help="QAT fine-tuning epochs per backend (0: PTQ only)")
+    demo.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate = --lr times this")
     demo.add_argument("--backends", default="x86,arm", help="comma-separated: x86, arm")
     demo.add_argument("--calibration-samples", type=int, default=1024)
     demo.add_argument("--train-subset", type=int, default=None, help="train on the first N shuffled images only")

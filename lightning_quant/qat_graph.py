@@ -89,6 +89,8 @@ class QATGraph(nn.Module):
         config: backend and export settings.
     """
 
+    is_lightning_quant_stand_in = True
+
     def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
         super().__init__()
         self._float = [module]

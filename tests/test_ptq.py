@@ -114,7 +114,7 @@ class _FloatSnapshot(Callback):
 
 def _fit(model, callbacks, tmp_path, max_epochs: int = 2, **kwargs):
     train, val = _loaders()
-    trainer = pl.Trainer(
+    options = dict(
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=False,
@@ -123,8 +123,8 @@ def _fit(model, callbacks, tmp_path, max_epochs: int = 2, **kwargs):
         enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=callbacks,
-        **kwargs,
     )
+    trainer = pl.Trainer(**{**options, **kwargs})
     trainer.fit(model, train, val)
     return trainer
 

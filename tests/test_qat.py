@@ -293,3 +293,28 @@ def test_untraceable_submodule_names_it(tmp_path):
 
     with pytest.raises(CaptureError, match=r"could not capture 'model' \(_Untraceable\)"):
         _fit(UntraceableNet(), [QATCallback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+
+
+@pytest.mark.slow
+def test_validate_after_fit_runs_eval_mode_and_leaves_observers_and_bn(qat_run):
+    model, _, _, trainer, _ = qat_run
+    from test_ptq import _loaders
+
+    obs, bn = _observer_state(model), _bn_stats(model)
+    trainer.validate(model, _loaders()[1], verbose=False)
+    assert _changed(obs, _observer_state(model)) == []
+    assert _changed(bn, _bn_stats(model)) == []
+
+
+@pytest.mark.slow
+def test_finetune_from_a_float_checkpoint_of_a_project_that_never_used_the_plugin(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(DropoutNet(), [ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    restored = DropoutNet.load_from_checkpoint(ckpt.last_model_path)
+    qat = QATCallback(start_epoch=0, dirpath=str(tmp_path / "q"))
+    trainer = _fit(restored, [qat], tmp_path, max_epochs=1)
+    assert qat.report.artifacts["model"].is_file()
+    assert "val_acc_int8" in trainer.callback_metrics
