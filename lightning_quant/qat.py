@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_quant import _torchao
 from lightning_quant._report import QuantReport, finish
-from lightning_quant.capture import install, installed, resolve_targets
+from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets
 from lightning_quant.config import QuantConfig
 from lightning_quant.ptq import resolve_dirpath
 from lightning_quant.qat_graph import QATGraph
@@ -133,9 +133,27 @@ class QATCallback(Callback):
 
     # ---------------------------------------------------------------------------------------------- hooks
 
+    def attach(self, pl_module: pl.LightningModule) -> None:
+        """Let ``pl_module`` load QAT checkpoints.
+
+        A ``load_state_dict`` pre-hook installs and captures the fake-quant graphs (from the inputs kept in the
+        checkpoint) before the weights load.
+
+        Runs in ``setup`` for ``fit``/``validate``/``test``/``predict`` with ``ckpt_path``; call it yourself before
+        ``load_state_dict`` or ``load_from_checkpoint`` outside a Trainer, e.g.
+        ``model = MyModel(**ckpt["hyper_parameters"]); qat.attach(model); model.load_state_dict(ckpt["state_dict"])``.
+        """
+        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        hooks = getattr(pl_module, "_lightning_quant_hooks", None)
+        if hooks is None:
+            hooks = pl_module._lightning_quant_hooks = {}
+        if id(self) not in hooks:
+            hooks[id(self)] = pl_module.register_load_state_dict_pre_hook(_SwapBeforeLoad(self))
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.targets = resolve_targets(pl_module, self.config.modules)
+        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        self.attach(pl_module)
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs
@@ -147,10 +165,10 @@ class QATCallback(Callback):
         if self.export:
             resolve_dirpath(self.dirpath, trainer)
 
-    def swap(self, pl_module: pl.LightningModule) -> dict[str, QATGraph]:
-        """Install a fake-quant graph for every target that has none yet (idempotent); returns all of them."""
+    def swap(self, pl_module: pl.LightningModule, only: str | None = None) -> dict[str, QATGraph]:
+        """Install a fake-quant graph for every target (or ``only`` one) that has none yet; returns all installed."""
         self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
-        for name in self.targets:
+        for name in self.targets if only is None else (only,):
             current = installed(pl_module, name)
             if not isinstance(current, QATGraph):
                 graph = QATGraph(current, name, self.config).to(_device_of(current))
@@ -211,6 +229,28 @@ class QATCallback(Callback):
                 f"The checkpoint was trained with QAT on {list(saved)}, but `modules` now selects "
                 f"{list(self.targets)}. Resume with the same `modules`."
             )
+
+
+class _SwapBeforeLoad:
+    """``load_state_dict`` pre-hook: swap in and capture fake-quant graphs when the incoming state holds them.
+
+    A class, not a closure, so the LightningModule stays picklable (``ddp_spawn``).
+    """
+
+    def __init__(self, callback: QATCallback) -> None:
+        self.callback = callback
+
+    def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.callback.targets:
+            key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
+            if not any(k.startswith(key + "gm.") for k in state_dict):
+                continue  # a float checkpoint: nothing to do
+            graph = self.callback.swap(module, only=name)[name]
+            if not graph.capture_from_state_dict(state_dict, key):
+                raise RuntimeError(
+                    f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
+                    "written by another version of lightning-quant. Start QAT again from the float weights."
+                )
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

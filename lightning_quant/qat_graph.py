@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
 from lightning_quant.capture import SELF, detach_inputs, export
@@ -168,11 +169,65 @@ class QATGraph(nn.Module):
             )
         restore_bn_literals(gm, module)
         self._modules.pop("source", None)
+        self._keep_example(*self.example_inputs)
         self.gm = gm
         self._fake_quants = [m for m in gm.modules() if _torchao.is_fake_quantize(m)][:1]  # a list: not a child
         self._graph_training = None
         if self.observers_frozen:
             gm.apply(_torchao.disable_observer)
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def _keep_example(self, args: tuple, kwargs: dict) -> None:
+        """Keep (two samples of) the capture inputs in the module's state.
+
+        So a checkpoint can be captured again before its weights load (resume, ``validate(ckpt_path=...)``).
+        """
+        leaves, spec = tree_flatten((args, kwargs))
+        self._example_spec = treespec_dumps(spec)
+        self._example_constants = {}
+        for i, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor):
+                self.register_buffer(f"example_input_{i}", x[:2].clone() if x.ndim else x.clone())
+            else:
+                self._example_constants[str(i)] = x
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "example_spec": getattr(self, "_example_spec", None),
+            "example_constants": getattr(self, "_example_constants", {}),
+            "bn_frozen": self.bn_frozen,
+            "observers_frozen": self.observers_frozen,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bn_frozen = bool(state.get("bn_frozen", False))
+        self.observers_frozen = bool(state.get("observers_frozen", False))
+        self._graph_training = None
+
+    @staticmethod
+    def example_from_state_dict(state_dict: dict[str, Any], prefix: str) -> tuple[tuple, dict] | None:
+        """Rebuild the capture inputs stored by a captured ``QATGraph`` under ``prefix`` in ``state_dict``."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if not isinstance(extra, dict) or not extra.get("example_spec"):
+            return None
+        spec = treespec_loads(extra["example_spec"])
+        constants = extra.get("example_constants", {})
+        leaves = [
+            constants[str(i)] if str(i) in constants else state_dict[f"{prefix}example_input_{i}"]
+            for i in range(spec.num_leaves)
+        ]
+        return tree_unflatten(leaves, spec)
+
+    def capture_from_state_dict(self, state_dict: dict[str, Any], prefix: str) -> bool:
+        """Capture (if not yet) from the inputs kept in a checkpoint; returns whether the graph is captured now."""
+        if self.gm is None:
+            example = self.example_from_state_dict(state_dict, prefix)
+            if example is None:
+                return False
+            self.capture(*example)
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        return True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.gm is None:

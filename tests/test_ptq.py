@@ -112,7 +112,7 @@ class _FloatSnapshot(Callback):
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
-def _fit(model, callbacks, tmp_path, max_epochs: int = 2, **kwargs):
+def _fit(model, callbacks, tmp_path, max_epochs: int = 2, ckpt_path=None, **kwargs):
     train, val = _loaders()
     options = dict(
         max_epochs=max_epochs,
@@ -125,7 +125,7 @@ def _fit(model, callbacks, tmp_path, max_epochs: int = 2, **kwargs):
         callbacks=callbacks,
     )
     trainer = pl.Trainer(**{**options, **kwargs})
-    trainer.fit(model, train, val)
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -349,6 +349,8 @@ def test_demo_command_prints_the_comparison(tmp_path):
             backends,
             "--calibration-samples",
             "256",
+            "--qat-epochs",
+            "1",
             "--out",
             str(tmp_path),
         ],
@@ -361,7 +363,9 @@ def test_demo_command_prints_the_comparison(tmp_path):
     assert "PTQ int8 x86 (.pt2)" in out.stdout
     if "arm" in backends:
         assert "PTQ int8 arm (.pte)" in out.stdout
-    assert (tmp_path / "x86" / "model_int8.pt2").is_file()
+    assert (tmp_path / "ptq" / "x86" / "model_int8.pt2").is_file()
+    assert (tmp_path / "qat" / "x86" / "model_int8.pt2").is_file()
+    assert "QAT int8 x86 (.pt2)" in out.stdout
 
 
 def test_demo_rejects_a_data_folder_without_fashion_mnist(tmp_path):

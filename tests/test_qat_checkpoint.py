@@ -1,0 +1,122 @@
+"""QAT checkpoints: resume with ``fit(ckpt_path=...)``, ``validate(ckpt_path=...)``, ``load_state_dict`` outside a
+Trainer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_ptq import FlatLayout, _fit, _loaders
+from test_qat import DropoutNet
+
+from lightning_quant import QATCallback, QATGraph
+
+
+class _Record(Callback):
+    def __init__(self) -> None:
+        self.at_fit_start: dict[str, object] = {}
+        self.val_acc: dict[int, float] = {}
+        self.lrs: dict[int, float] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        graph = pl_module.model if hasattr(pl_module, "model") else None
+        self.at_fit_start = {
+            "qat": isinstance(graph, QATGraph) and graph.captured,
+            "epoch": trainer.current_epoch,
+        }
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
+            self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics["val_acc"])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", filename="{epoch}", save_top_k=-1)
+    record = _Record()
+    qat = QATCallback(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2, dirpath=str(tmp / "q"))
+    model = DropoutNet()
+    _fit(model, [qat, ckpt, record], tmp, max_epochs=3, enable_checkpointing=True)
+    return tmp, record, model
+
+
+@pytest.mark.slow
+def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
+    tmp, record, _ = checkpoints
+    resumed = _Record()
+    qat = QATCallback(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2, dirpath=str(tmp / "q2"))
+    model = DropoutNet()
+    _fit(model, [qat, resumed], tmp, max_epochs=3, ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"))
+    assert resumed.at_fit_start["qat"]  # swapped and captured (from the checkpoint) before any batch
+    assert resumed.lrs == {2: pytest.approx(record.lrs[2])}  # StepLR position restored
+    assert model.model.bn_frozen and model.model.observers_frozen
+    assert qat.report.artifacts["model"].is_file()
+
+
+@pytest.mark.slow
+def test_validate_with_ckpt_path_reproduces_the_qat_metrics(checkpoints):
+    tmp, record, _ = checkpoints
+    model = DropoutNet()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp,
+        callbacks=[QATCallback(start_epoch=1)],
+    )
+    out = trainer.validate(model, _loaders()[1], ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"), verbose=False)
+    assert isinstance(model.model, QATGraph)
+    assert out[0]["val_acc"] == pytest.approx(record.val_acc[1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_load_state_dict_outside_a_trainer_with_attach(checkpoints):
+    tmp, record, trained = checkpoints
+    ckpt = torch.load(tmp / "ckpt" / "epoch=2.ckpt", weights_only=True)
+    model = DropoutNet()
+    QATCallback(start_epoch=1).attach(model)
+    model.load_state_dict(ckpt["state_dict"])  # strict: every key matched
+    x = _loaders()[1].dataset.tensors[0][:16]
+    model.eval()
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(x), trained.model(x), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_float_checkpoint_loads_into_a_model_with_the_hook(tmp_path):
+    model = DropoutNet()
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    other = DropoutNet()
+    QATCallback().attach(other)
+    other.load_state_dict(float_state)  # no QAT keys: the hook leaves the float model alone
+    assert not isinstance(other.model, QATGraph)
+
+
+@pytest.mark.slow
+def test_resume_of_a_self_routed_model(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", filename="{epoch}", save_top_k=-1)
+    _fit(
+        FlatLayout(),
+        [QATCallback(start_epoch=0, export=False), ckpt],
+        tmp_path,
+        max_epochs=1,
+        enable_checkpointing=True,
+    )
+    model = FlatLayout()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[QATCallback(start_epoch=0)],
+    )
+    trainer.validate(model, _loaders()[1], ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"), verbose=False)
+    assert isinstance(model._lightning_quant_forward, QATGraph) and model._lightning_quant_forward.captured
