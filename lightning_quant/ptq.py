@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao
+from lightning_quant._guards import check_siblings, check_strategy
 from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
 from lightning_quant._report import QuantReport, finish
 from lightning_quant.capture import get_submodule, resolve_targets
@@ -127,7 +128,9 @@ class PTQCallback(Callback):
         if stage != "fit":
             return
         # Fail before training, not after hours of it.
+        check_strategy(trainer, "PTQCallback")
         resolve_targets(pl_module, self.config.modules)
+        check_siblings(self, trainer, pl_module)
         resolve_dirpath(self.dirpath, trainer)
         if not has_validation_step(pl_module):
             raise ValueError(

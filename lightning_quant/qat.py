@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao
+from lightning_quant._guards import check_siblings, check_strategy
 from lightning_quant._report import QuantReport, finish
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets
 from lightning_quant.config import QuantConfig
@@ -152,7 +153,9 @@ class QATCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "QATCallback")
         self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        check_siblings(self, trainer, pl_module)
         self.attach(pl_module)
         if stage != "fit":
             return
@@ -209,6 +212,11 @@ class QATCallback(Callback):
             fp32_reference={name: g.float_module for name, g in graphs.items()},
             baseline="fake-quant",
         )
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(backend=self.config.backend, modules=self.config.modules)
 
     @override
     def state_dict(self) -> dict[str, Any]:

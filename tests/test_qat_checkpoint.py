@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_ptq import FlatLayout, _fit, _loaders
 from test_qat import DropoutNet
 
-from lightning_quant import QATCallback, QATGraph
+from lightning_quant import PTQCallback, QATCallback, QATGraph
 
 
 class _Record(Callback):
@@ -120,3 +120,39 @@ def test_resume_of_a_self_routed_model(tmp_path):
     )
     trainer.validate(model, _loaders()[1], ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"), verbose=False)
     assert isinstance(model._lightning_quant_forward, QATGraph) and model._lightning_quant_forward.captured
+
+
+# ------------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "match"),
+    [
+        (lambda d: [QATCallback(dirpath=d), QATCallback(backend="arm", dirpath=d)], r"QATCallback and QATCallback"),
+        (lambda d: [QATCallback(dirpath=d), PTQCallback(dirpath=d)], r"QATCallback and PTQCallback.*\['model'\]"),
+        (lambda d: [PTQCallback(dirpath=d), PTQCallback(backend="fbgemm", dirpath=d)], r"same `dirpath`"),
+    ],
+)
+def test_two_callbacks_on_the_same_submodule_are_refused(callbacks, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        _fit(DropoutNet(), callbacks(str(tmp_path)), tmp_path, max_epochs=1)
+
+
+def test_ptq_for_two_backends_on_one_model_is_allowed(tmp_path):
+    from lightning_quant._guards import check_siblings
+
+    model, trainer = DropoutNet(), pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    x86, arm = PTQCallback(dirpath=str(tmp_path)), PTQCallback(backend="arm", dirpath=str(tmp_path))
+    trainer.callbacks.extend([x86, arm])
+    check_siblings(x86, trainer, model)  # no error
+
+
+@pytest.mark.parametrize("cls", [QATCallback, PTQCallback])
+def test_unsupported_strategy_is_refused_at_setup(cls, tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), callbacks=[], max_epochs=1)
+    with pytest.raises(ValueError, match=r"does not support the FSDPStrategy strategy"):
+        cls(dirpath=str(tmp_path)).setup(trainer, DropoutNet(), "fit")

@@ -1,0 +1,61 @@
+"""Refusals shared by the callbacks, checked at ``setup`` before any training: strategies and sibling callbacks."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from lightning_quant.capture import SELF, resolve_targets
+
+#: strategies whose model is a plain module (DDP wraps it without sharding parameters)
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+
+
+def check_strategy(trainer: pl.Trainer, who: str) -> None:
+    """Refuse strategies that shard or re-own parameters (FSDP, DeepSpeed, model parallel, ...)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise ValueError(
+            f"{who} does not support the {type(strategy).__name__} strategy: PT2E capture needs whole, unsharded "
+            "parameters. Use a single device or strategy='ddp' / 'ddp_spawn' for training, or quantize the "
+            "consolidated checkpoint afterwards with `lightning-quant ptq`."
+        )
+
+
+def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
+    out = []
+    for x in a:
+        for y in b:
+            if SELF in (x, y) or x == y or x.startswith(y + ".") or y.startswith(x + "."):
+                out.append(x if len(x) >= len(y) else y)
+    return sorted(set(out))
+
+
+def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse a second QAT callback, or a PTQ callback, on a submodule a QAT callback trains.
+
+    Several PTQCallbacks (one per backend) may share a model: each converts its own copy. Two of them for the same
+    backend and folder would overwrite each other's artifacts and are refused too.
+    """
+    from lightning_quant.ptq import PTQCallback
+    from lightning_quant.qat import QATCallback
+
+    mine = resolve_targets(pl_module, callback.config.modules)
+    for other in trainer.callbacks:
+        if other is callback or not isinstance(other, (PTQCallback, QATCallback)):
+            continue
+        theirs = resolve_targets(pl_module, other.config.modules)
+        shared = _overlap(mine, theirs)
+        if not shared:
+            continue
+        if isinstance(callback, QATCallback) or isinstance(other, QATCallback):
+            raise ValueError(
+                f"Two lightning-quant callbacks ({type(callback).__name__} and {type(other).__name__}) act on the same "
+                f"submodule(s) {shared}. QAT changes the model it trains, so it must be the only callback on it: "
+                "keep one, or point them at different submodules with `modules=`."
+            )
+        if callback.config.backend == other.config.backend and callback.dirpath == other.dirpath:
+            raise ValueError(
+                f"Two PTQCallbacks for backend {callback.config.backend!r} write {shared} to the same `dirpath`; "
+                "give them different `dirpath`s or keep one."
+            )
