@@ -86,6 +86,22 @@ def _quiet_inner_trainer() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _local_metrics(pl_module: nn.Module) -> Iterator[None]:
+    """Keep torchmetrics from syncing across processes: in DDP only rank 0 runs these inner loops."""
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [(m.sync_on_compute, m._to_sync) for m in metrics]
+    for m in metrics:
+        m.sync_on_compute = m._to_sync = False
+    try:
+        yield
+    finally:
+        for m, (on_compute, to_sync) in zip(metrics, saved):
+            m.sync_on_compute, m._to_sync = on_compute, to_sync
+
+
 def run_validation(
     outer: pl.Trainer,
     pl_module: pl.LightningModule,
@@ -97,7 +113,7 @@ def run_validation(
 
     The LightningModule ends where it started: same submodules, same device, attached to ``outer``.
     """
-    with _quiet_inner_trainer():
+    with _quiet_inner_trainer(), _local_metrics(pl_module):
         return _run_validation(outer, pl_module, loader, replacements, limit_batches)
 
 

@@ -156,6 +156,12 @@ class QATCallback(Callback):
         check_strategy(trainer, "QATCallback")
         self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
         check_siblings(self, trainer, pl_module)
+        if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):
+            raise RuntimeError(
+                "With a spawning strategy (e.g. strategy='ddp_spawn'), the launching process loads what the workers "
+                "learned into your model, which needs the QAT load hook: call `qat_callback.attach(model)` before "
+                "`trainer.fit(model, ...)`."
+            )
         self.attach(pl_module)
         if stage != "fit":
             return
@@ -259,6 +265,11 @@ class _SwapBeforeLoad:
                     f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
                     "written by another version of lightning-quant. Start QAT again from the float weights."
                 )
+
+
+def _spawned(trainer: pl.Trainer) -> bool:
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return getattr(launcher, "_start_method", None) in ("spawn", "forkserver")
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -1,0 +1,62 @@
+"""Run by tests/test_distributed.py in a subprocess: a 2-process CPU (gloo) fit with a plugin callback.
+
+usage: python tests/ddp_script.py STRATEGY {qat,ptq} OUT_DIR [--no-attach]
+Each rank saves its tensor state at every train-epoch end; the launching process prints its model type.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from test_ptq import _loaders  # noqa: E402
+from test_qat import DropoutNet  # noqa: E402
+
+from lightning_quant import PTQCallback, QATCallback  # noqa: E402
+
+
+class Dump(Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save(state, os.path.join(self.out, f"state_r{trainer.global_rank}_e{trainer.current_epoch}.pt"))
+
+
+def main():
+    strategy, kind, out = sys.argv[1:4]
+    pl.seed_everything(0)
+    model = DropoutNet()
+    if kind == "qat":
+        cb = QATCallback(start_epoch=1, freeze_observer_epoch=2, dirpath=os.path.join(out, "artifacts"))
+        if "--no-attach" not in sys.argv:
+            cb.attach(model)
+    else:
+        cb = PTQCallback(num_calibration_samples=64, dirpath=os.path.join(out, "artifacts"))
+    train, val = _loaders()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, Dump(out)],
+        default_root_dir=out,
+    )
+    trainer.fit(model, train, val)
+    x = val.dataset.tensors[0][:8]
+    model.eval()
+    with torch.no_grad():
+        torch.save(model.model(x), os.path.join(out, f"launcher_out_r{trainer.global_rank}.pt"))
+    print(f"RESULT rank={trainer.global_rank} model={type(model.model).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

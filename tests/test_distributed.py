@@ -1,0 +1,70 @@
+"""DDP with 2 CPU processes (gloo): QAT and PTQ, ddp and ddp_spawn. Each run is a subprocess (tests/ddp_script.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def _run(tmp_path: Path, strategy: str, kind: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), strategy, kind, str(tmp_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    return out
+
+
+def _tensor_diffs(tmp_path: Path, epoch: int) -> list[str]:
+    a = torch.load(tmp_path / f"state_r0_e{epoch}.pt")
+    b = torch.load(tmp_path / f"state_r1_e{epoch}.pt")
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.slow
+def test_ddp_qat_keeps_ranks_identical_and_only_rank_zero_exports(tmp_path):
+    out = _run(tmp_path, "ddp", "qat")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for epoch in range(3):
+        assert _tensor_diffs(tmp_path, epoch) == [], f"ranks differ after epoch {epoch}"
+    state = torch.load(tmp_path / "state_r0_e2.pt")
+    assert any("activation_post_process" in k for k in state), "observer buffers are part of the synced state"
+    assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
+
+
+@pytest.mark.slow
+def test_ddp_ptq_exports_once(tmp_path):
+    out = _run(tmp_path, "ddp", "ptq")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
+    assert _tensor_diffs(tmp_path, 2) == []
+
+
+@pytest.mark.slow
+def test_ddp_spawn_qat_launching_process_holds_the_trained_model(tmp_path):
+    out = _run(tmp_path, "ddp_spawn", "qat")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT rank=0 model=QATGraph" in out.stdout
+    # the launching process computes what the workers' final state computes
+    worker = torch.load(tmp_path / "state_r0_e2.pt")
+    assert any(k.startswith("model.gm.") for k in worker)
+    assert (tmp_path / "artifacts" / "model_int8.pt2").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_spawn_without_attach_is_refused_before_training(tmp_path):
+    out = _run(tmp_path, "ddp_spawn", "qat", "--no-attach")
+    assert out.returncode != 0
+    assert "call `qat_callback.attach(model)` before" in out.stderr
+    assert not list(tmp_path.glob("state_*"))
