@@ -4,7 +4,7 @@ from lightning_quant.capture import CaptureError
 from lightning_quant.config import QuantConfig
 from lightning_quant.export import ArtifactError, QuantizedArtifact, load, save
 from lightning_quant.ptq import PTQCallback
-from lightning_quant.qat import QATCallback
+from lightning_quant.qat import QATCallback, load_qat_checkpoint
 from lightning_quant.qat_graph import QATGraph
 from lightning_quant.quantize import quantize_ptq
 
@@ -20,6 +20,7 @@ __all__ = [
     "QuantizedArtifact",
     "__version__",
     "load",
+    "load_qat_checkpoint",
     "quantize_ptq",
     "save",
 ]

@@ -274,3 +274,48 @@ def _spawned(trainer: pl.Trainer) -> bool:
 
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def load_qat_checkpoint(
+    cls: type[pl.LightningModule],
+    checkpoint_path: str,
+    *,
+    map_location: Any = "cpu",
+    weights_only: bool | None = None,
+    **kwargs: Any,
+) -> pl.LightningModule:
+    """``cls.load_from_checkpoint`` for a checkpoint written during QAT: the fake-quant graphs are rebuilt first.
+
+    The QAT settings (backend, submodules) are read from the ``QATCallback`` state saved in the checkpoint.
+
+    Example::
+
+        model = load_qat_checkpoint(MyModel, "epoch=3.ckpt")   # same as MyModel.load_from_checkpoint(...) for QAT
+
+    Raises:
+        ValueError: the checkpoint holds no ``QATCallback`` state (a float checkpoint: use ``load_from_checkpoint``).
+    """
+    import inspect
+
+    from lightning.fabric.utilities.cloud_io import _load as pl_load
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=weights_only)
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)]
+    if not states:
+        raise ValueError(
+            f"Expected `checkpoint_path` to be a checkpoint written with QATCallback, but {checkpoint_path!r} holds no "
+            f"QATCallback state. A float checkpoint loads with `{cls.__name__}.load_from_checkpoint(...)`."
+        )
+    state = states[0]
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        hparams = {k: v for k, v in hparams.items() if k in accepted}
+    model = cls(**{**hparams, **kwargs})
+    if is_overridden("configure_model", model):
+        model.configure_model()
+    model.on_load_checkpoint(checkpoint)
+    QATCallback(backend=state["backend"], modules=state.get("targets") or None).attach(model)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model

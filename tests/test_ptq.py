@@ -33,8 +33,8 @@ def _data(n: int = 256, side: int = 12, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def _loaders(batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
-    return DataLoader(_data(256), batch_size=batch_size, shuffle=True), DataLoader(_data(96, seed=1), batch_size=48)
+def _loaders(batch_size: int = 32, shuffle: bool = True) -> tuple[DataLoader, DataLoader]:
+    return DataLoader(_data(256), batch_size=batch_size, shuffle=shuffle), DataLoader(_data(96, seed=1), batch_size=48)
 
 
 class _Base(pl.LightningModule):
@@ -112,8 +112,8 @@ class _FloatSnapshot(Callback):
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
-def _fit(model, callbacks, tmp_path, max_epochs: int = 2, ckpt_path=None, **kwargs):
-    train, val = _loaders()
+def _fit(model, callbacks, tmp_path, max_epochs: int = 2, ckpt_path=None, shuffle: bool = True, **kwargs):
+    train, val = _loaders(shuffle=shuffle)
     options = dict(
         max_epochs=max_epochs,
         accelerator="cpu",

@@ -156,3 +156,82 @@ def test_unsupported_strategy_is_refused_at_setup(cls, tmp_path):
     trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), callbacks=[], max_epochs=1)
     with pytest.raises(ValueError, match=r"does not support the FSDPStrategy strategy"):
         cls(dirpath=str(tmp_path)).setup(trainer, DropoutNet(), "fit")
+
+
+@pytest.mark.slow
+def test_load_qat_checkpoint_one_liner(checkpoints):
+    from lightning_quant import load_qat_checkpoint
+
+    tmp, _, trained = checkpoints
+    model = load_qat_checkpoint(DropoutNet, str(tmp / "ckpt" / "epoch=2.ckpt"))
+    assert isinstance(model.model, QATGraph) and model.model.bn_frozen
+    x = _loaders()[1].dataset.tensors[0][:8]
+    model.eval()
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(x), trained.model(x), atol=0, rtol=0)
+
+
+def test_load_qat_checkpoint_refuses_a_float_checkpoint(tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="f")
+    _fit(DropoutNet(), [ckpt], tmp_path, max_epochs=1, enable_checkpointing=True, limit_train_batches=1)
+    with pytest.raises(ValueError, match=r"holds no QATCallback state.*DropoutNet.load_from_checkpoint"):
+        load_qat_checkpoint(DropoutNet, str(tmp_path / "f.ckpt"))
+
+
+class _CrashAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class _NoDropout(DropoutNet):
+    """Dropout kept in the graph with p=0, so RNG draws (which Lightning's resume does not replay) change nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model[5].p = 0.0
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.slow
+def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
+    def qat():
+        return QATCallback(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3, export=False)
+
+    pl.seed_everything(0)
+    straight = _NoDropout()
+    _fit(straight, [qat()], tmp_path / "a", max_epochs=4, shuffle=False)
+
+    pl.seed_everything(0)
+    crashed = _NoDropout()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", filename="{epoch}", save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(
+            crashed, [qat(), ckpt, _CrashAt(2)], tmp_path / "b", max_epochs=4, enable_checkpointing=True, shuffle=False
+        )
+    resumed = _NoDropout()
+    # no sanity check on resume: it would run the captured graph in eval mode, where BatchNorm's num_batches_tracked
+    # still counts (it only matters for momentum=None BatchNorm)
+    _fit(
+        resumed,
+        [qat()],
+        tmp_path / "b",
+        max_epochs=4,
+        ckpt_path=str(tmp_path / "c" / "epoch=1.ckpt"),
+        shuffle=False,
+        num_sanity_val_steps=0,
+    )
+
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys() and any("activation_post_process" in k for k in a)
+    for k in a:  # tolerance 0: weights, BN statistics, observers and fake-quant scales are bit-identical
+        assert torch.equal(a[k], b[k]), k
