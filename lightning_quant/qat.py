@@ -110,6 +110,7 @@ class QATCallback(Callback):
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.targets: tuple[str, ...] = ()
+        self.phase = "float"  # "float" before start_epoch, "qat" from it on
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
         self.report: QuantReport | None = None
 
@@ -188,7 +189,9 @@ class QATCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch < self.start_epoch:
+            self.phase = "float"
             return
+        self.phase = "qat"
         for graph in self.swap(pl_module).values():
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 graph.freeze_bn()
@@ -227,6 +230,7 @@ class QATCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "phase": self.phase,
             "backend": self.config.backend,
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
@@ -237,6 +241,7 @@ class QATCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The schedule comes from __init__ (the user may change it on resume); what was quantized must not change.
+        self.phase = state_dict.get("phase", self.phase)
         saved = tuple(state_dict.get("targets", ()))
         if saved and self.targets and saved != self.targets:
             raise ValueError(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_ptq import FlatLayout, _fit, _loaders
 from test_qat import DropoutNet
@@ -56,6 +58,7 @@ def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
     assert resumed.at_fit_start["qat"]  # swapped and captured (from the checkpoint) before any batch
     assert resumed.lrs == {2: pytest.approx(record.lrs[2])}  # StepLR position restored
     assert model.model.bn_frozen and model.model.observers_frozen
+    assert qat.state_dict()["phase"] == "qat"
     assert qat.report.artifacts["model"].is_file()
 
 
@@ -235,3 +238,74 @@ def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and any("activation_post_process" in k for k in a)
     for k in a:  # tolerance 0: weights, BN statistics, observers and fake-quant scales are bit-identical
         assert torch.equal(a[k], b[k]), k
+
+
+# -------------------------------------------------------------------------------- the callbacks' argument space
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 5),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(["x86", "arm", "fbgemm", "qnnpack", "val", "train", "minmax", "model", "self", "_q"]),
+    st.lists(st.sampled_from(["model", "model.0", "self", ""]), max_size=3),
+)
+_PTQ_ARGS = [
+    "backend",
+    "num_calibration_samples",
+    "calibration_data",
+    "observer",
+    "modules",
+    "dirpath",
+    "max_batch_size",
+    "evaluate",
+    "metric_suffix",
+]
+_QAT_ARGS = [
+    "backend",
+    "start_epoch",
+    "freeze_bn_epoch",
+    "freeze_observer_epoch",
+    "modules",
+    "dirpath",
+    "max_batch_size",
+    "export",
+    "evaluate",
+    "metric_suffix",
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cls=st.sampled_from(["ptq", "qat"]), data=st.data())
+def test_any_callback_arguments_build_or_raise_naming_the_argument(cls, data):
+    names = _PTQ_ARGS if cls == "ptq" else _QAT_ARGS
+    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    kwargs = {name: data.draw(_ANY) for name in chosen}
+    factory = PTQCallback if cls == "ptq" else QATCallback
+    try:
+        factory(**kwargs)
+    except (ValueError, TypeError) as err:
+        assert any(f"`{n}`" in str(err) for n in chosen), str(err)
+
+
+class _CheckpointBytes(Callback):
+    def __init__(self, folder):
+        self.folder, self.before = folder, {}
+
+    def on_fit_end(self, trainer, pl_module):  # runs before PTQCallback's on_fit_end (placed after it)
+        self.before = {p.name: p.read_bytes() for p in self.folder.glob("*.ckpt")}
+
+
+@pytest.mark.slow
+def test_artifacts_written_beside_checkpoints_never_touch_them(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="float", save_last=True)
+    probe = _CheckpointBytes(tmp_path)
+    ptq = PTQCallback(dirpath=str(tmp_path), num_calibration_samples=32)
+    _fit(DropoutNet(), [ckpt, probe, ptq], tmp_path, max_epochs=1, enable_checkpointing=True)
+    assert set(probe.before) == {"float.ckpt", "last.ckpt"}
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.ckpt")} == probe.before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".ckpt")) == [
+        "model_int8.pt2",
+        "model_int8.pt2.json",
+    ]
