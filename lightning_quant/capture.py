@@ -272,3 +272,35 @@ def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> An
     if var_pos is not None and var_pos.name in out:
         out[var_pos.name] = tuple(out[var_pos.name])
     return out
+
+
+class CallNormalizer:
+    """Re-shape later calls like the call a graph was captured from, filling the forward's defaults.
+
+    A captured graph takes exactly the positional/keyword split of its capture call, and no defaults. Calls that
+    pass a keyword positionally (or leave a default out) are bound to the original ``forward`` signature first.
+    """
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        import inspect
+
+        try:
+            # the class's forward: an instance-level routing (see `install`) takes *args, **kwargs
+            self.signature: Any = inspect.signature(type(module).forward.__get__(module))
+        except (TypeError, ValueError):
+            self.signature = None
+        self.num_args = len(args)
+        self.kw_names = tuple(kwargs)
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.signature is None or (len(args) == self.num_args and tuple(kwargs) == self.kw_names):
+            return args, kwargs
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs  # let the graph raise its own error
+        bound.apply_defaults()
+        values = list(bound.args)
+        call_args = tuple(values[: self.num_args])
+        call_kwargs = {k: bound.arguments[k] for k in self.kw_names if k in bound.arguments}
+        return call_args, call_kwargs

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
-from lightning_quant.capture import SELF, detach_inputs, export
+from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export
 from lightning_quant.config import QuantConfig
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
@@ -156,6 +156,7 @@ class QATGraph(nn.Module):
         module.train()
         try:
             self.example_inputs = detach_inputs(args, kwargs)
+            self._normalize = CallNormalizer(module, args, kwargs)
             shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
             ep = export(shell, *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name)
         finally:
@@ -233,6 +234,7 @@ class QATGraph(nn.Module):
         if self.gm is None:
             self.capture(args, kwargs)
         self._sync()
+        args, kwargs = self._normalize(args, kwargs)
         return self.gm(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- convert

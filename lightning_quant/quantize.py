@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_quant import _torchao
-from lightning_quant.capture import ROUTE_ATTR, batch_size_of, detach_inputs, export
+from lightning_quant.capture import ROUTE_ATTR, CallNormalizer, batch_size_of, detach_inputs, export
 from lightning_quant.config import QuantConfig
 
 #: key of the converted GraphModule's ``meta`` dict where capture details are kept for export
@@ -137,6 +137,7 @@ class CalibrationGraph(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.prepared is None:
             self.example_inputs = detach_inputs(args, kwargs)
+            self._normalize = CallNormalizer(self._snapshot[0], args, kwargs)
             ep = export(
                 self._snapshot[0], *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name
             )
@@ -149,6 +150,7 @@ class CalibrationGraph(nn.Module):
                 )
         self.num_samples += batch_size_of((args, kwargs)) or 1
         self.num_batches += 1
+        args, kwargs = self._normalize(args, kwargs)
         return self.prepared(*args, **kwargs)
 
     def convert(self) -> torch.fx.GraphModule:

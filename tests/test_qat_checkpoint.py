@@ -124,6 +124,16 @@ def test_resume_of_a_self_routed_model(tmp_path):
     trainer.validate(model, _loaders()[1], ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"), verbose=False)
     assert isinstance(model._lightning_quant_forward, QATGraph) and model._lightning_quant_forward.captured
 
+    from torch.utils.data import DataLoader
+
+    fresh = FlatLayout()
+    images = _loaders()[1].dataset.tensors[0][:10]
+    preds = trainer.predict(fresh, DataLoader(images, batch_size=5), ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"))
+    assert isinstance(fresh._lightning_quant_forward, QATGraph)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(preds), model(images), atol=0, rtol=0)
+
 
 # ------------------------------------------------------------------------------------------------------ refusals
 

@@ -184,3 +184,22 @@ def test_bad_inputs(tiny_net, kwargs, exc, match):
     args = {"model": tiny_net(), "calibration_data": [torch.randn(2, 3, 8, 8)], **kwargs}
     with pytest.raises(exc, match=match):
         quantize_ptq(args.pop("model"), args.pop("calibration_data"), **args)
+
+
+def test_calls_may_leave_out_defaults_or_pass_keywords_positionally():
+    from lightning_quant.config import QuantConfig
+    from lightning_quant.qat_graph import QATGraph
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x, scale: float = 1.0):
+            return self.fc(x) * scale
+
+    graph = QATGraph(Net(), "net", QuantConfig())
+    x = torch.randn(4, 4)
+    ref = graph(x, scale=1.0)  # captured with a keyword
+    torch.testing.assert_close(graph(x), ref)  # default filled in
+    torch.testing.assert_close(graph(x, 1.0), ref)  # keyword given positionally
