@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,6 +101,298 @@ def _demo_table(dataset: str, reports: list) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class CommandError(Exception):
+    """Bad input to a subcommand: printed as one ``error:`` line, exit status 2."""
+
+
+def _import_class(path: str, option: str, base: type) -> type:
+    """``pkg.module.Class`` (or ``pkg.module:Class``) -> the class, checked to subclass ``base``."""
+    import difflib
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: the user's project modules import from where they stand
+    module_name, sep, name = path.replace(":", ".").rpartition(".")
+    if not sep or not module_name or not name:
+        raise CommandError(f"{option} {path!r} is not a class path; expected `package.module.Class`.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise CommandError(f"{option} {path!r}: cannot import {module_name!r} ({err}).") from None
+    cls = getattr(module, name, None)
+    if cls is None:
+        names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, base)]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {' or '.join(f'{module_name}.{c}' for c in close)}?" if close else ""
+        raise CommandError(f"{option} {path!r}: module {module_name!r} has no class {name!r}.{hint}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CommandError(f"{option} {path!r} is not a {base.__name__} subclass.")
+    return cls
+
+
+def _existing_file(path: str, option: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"{option} {path!r} does not exist or is not a file.")
+    return p
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_checkpoint(model_cls: type, ckpt: Path) -> Any:
+    try:
+        model = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu")
+    except Exception as err:  # unpickling, missing keys, hyper-parameters the class does not take...
+        raise CommandError(f"--ckpt {str(ckpt)!r}: not loadable as {model_cls.__name__} ({_first_line(err)})") from None
+    return model.eval()
+
+
+def _datamodule(cls: type, args_json: str | None) -> Any:
+    import json
+
+    kwargs: Any = {}
+    if args_json:
+        try:
+            kwargs = json.loads(args_json)
+        except json.JSONDecodeError as err:
+            raise CommandError(f"--datamodule-args is not valid JSON ({err}).") from None
+        if not isinstance(kwargs, dict):
+            raise CommandError(f"--datamodule-args must be a JSON object of keyword arguments, got {args_json!r}.")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise CommandError(f"--datamodule {cls.__name__}: {err}.") from None
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {threads}.")
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------- ptq
+
+
+def _ptq(args: argparse.Namespace) -> int:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_quant import PTQCallback
+    from lightning_quant.capture import resolve_targets
+
+    class DataModuleCalibration(PTQCallback):
+        """Outside `fit` the trainer holds no train loader: take it from the datamodule (the documented override)."""
+
+        def calibration_loader(self, trainer: pl.Trainer) -> Any:
+            if self.config.calibration_data == "val":
+                return super().calibration_loader(trainer)
+            dm.setup("fit")
+            return dm.train_dataloader()
+
+    _set_threads(args.threads)
+    model_cls = _import_class(args.model, "--model", pl.LightningModule)
+    dm_cls = _import_class(args.datamodule, "--datamodule", pl.LightningDataModule)
+    ckpt = _existing_file(args.ckpt, "--ckpt")
+    callback = DataModuleCalibration(  # validates every quantization argument before any loading
+        backend=args.backend,
+        num_calibration_samples=args.calibration_samples,
+        calibration_data=args.calibration_data,
+        observer=args.observer,
+        modules=args.modules.split(",") if args.modules else None,
+        dirpath=args.out,
+        max_batch_size=args.max_batch_size,
+    )
+    dm = _datamodule(dm_cls, args.datamodule_args)
+    model = _load_checkpoint(model_cls, ckpt)
+    resolve_targets(model, callback.config.modules)  # a wrong --modules fails before any data is loaded
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=1,  # attaches the datamodule's val loader to the trainer; the int8 evaluation uses all of it
+        default_root_dir=args.out,
+    )
+    try:
+        trainer.validate(model, datamodule=dm, verbose=False)
+    except MisconfigurationException:
+        raise
+    except Exception as err:  # most often data that does not fit the model: say so in one line
+        raise CommandError(
+            f"{model_cls.__name__}.validation_step failed on {dm_cls.__name__}'s validation data ({_first_line(err)}). "
+            "Check that --model, --ckpt and --datamodule(-args) belong together."
+        ) from None
+    report = callback.quantize(trainer, model)
+    for path in report.artifacts.values():
+        print(f"wrote {path} (+ {path.name}.json)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from lightning_quant import export
+
+    path = _existing_file(args.artifact, "ARTIFACT")
+    sidecar = export.read_sidecar(path)
+    if args.json:
+        print(json.dumps(sidecar, indent=2, sort_keys=True))
+        return 0
+    print(_describe(path, sidecar, sha_ok=export.sha256_file(path) == sidecar["sha256"]))
+    return 0
+
+
+def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
+    def kib(n: Any) -> str:
+        return f"{n / 1024:.1f} KiB" if isinstance(n, (int, float)) else "?"
+
+    inputs = ", ".join(
+        f"{i['name']}: {i['constant']}"
+        if "constant" in i
+        else f"{i['name']}: {i['dtype']}[{', '.join('N' if d is None else str(d) for d in i['shape'])}]"
+        for i in sc.get("inputs", [])
+    )
+    size, fp32 = sc.get("size_bytes"), sc.get("fp32_size_bytes")
+    ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if size and fp32 else ""
+    versions = ", ".join(f"{k} {v}" for k, v in sc.get("versions", {}).items() if v)
+    rows = [
+        ("file", f"{path}"),
+        ("backend", f"{sc['backend']}: {sc.get('artifact', '')}"),
+        ("method", f"{sc.get('method', '?')}, submodule {sc.get('submodule', '?')!r}"),
+        ("size", f"{kib(size)}{ratio}"),
+        ("sha256", f"{sc['sha256'][:16]}... ({'matches the file' if sha_ok else 'DOES NOT match the file'})"),
+        ("inputs", f"{inputs} (N <= {sc.get('max_batch_size')})"),
+        ("calibration", f"{sc.get('num_calibration_samples')} samples, observer {sc.get('observer')}"),
+        ("versions", versions),
+        ("built on", f"{sc.get('machine', {}).get('platform', '?')}, {sc.get('created', '?')}"),
+    ]
+    if sc.get("contains_native_code"):
+        rows.append(("note", "contains native code compiled for the exporting CPU; load only files you trust"))
+    if sc.get("undelegated_ops"):
+        rows.append(("undelegated", ", ".join(map(str, sc["undelegated_ops"]))))
+    if "parity_max_abs_diff" in sc:
+        rows.append(("reload parity", f"max |diff| {sc['parity_max_abs_diff']:.2e} vs the in-process int8 model"))
+    lat = sc.get("latency_ms") or {}
+    if lat.get("fp32") and lat.get("int8"):
+        rows.append(
+            ("latency", f"fp32 {lat['fp32']:.3f} ms, int8 {lat['int8']:.3f} ms ({lat['fp32'] / lat['int8']:.2f}x)")
+        )
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    metrics = sc.get("metrics") or {}
+    int8 = metrics.get("int8") or {}
+    base_name = next((k for k in metrics if k != "int8"), None)
+    base = metrics.get(base_name) or {}
+    if base or int8:
+        names = list(dict.fromkeys([*base, *int8]))
+        table = [("metric", base_name or "", "int8", "delta")]
+        for n in names:
+            b, q = base.get(n), int8.get(n)
+            table.append(
+                (
+                    n,
+                    "-" if b is None else f"{b:.4f}",
+                    "-" if q is None else f"{q:.4f}",
+                    f"{q - b:+.4f}" if b is not None and q is not None else "",
+                )
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(4)]
+        lines += [""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def _example_inputs(sidecar: dict, batch: int) -> tuple[tuple, dict]:
+    import ast
+
+    import torch
+    from torch.utils._pytree import tree_unflatten, treespec_loads
+
+    leaves: list[Any] = []
+    for spec in sidecar["inputs"]:
+        if "constant" in spec:
+            try:
+                leaves.append(ast.literal_eval(spec["constant"]))
+            except (ValueError, SyntaxError):
+                raise CommandError(
+                    f"input {spec['name']!r} was exported as the constant {spec['constant']}, which bench cannot "
+                    "rebuild; time the artifact from Python instead."
+                ) from None
+            continue
+        shape = [batch if d is None else d for d in spec["shape"]]
+        dtype = getattr(torch, spec["dtype"])
+        x = torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+        leaves.append(x)
+    args, kwargs = tree_unflatten(leaves, treespec_loads(sidecar["in_spec"]))
+    return tuple(args), dict(kwargs)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_quant import export
+    from lightning_quant._report import median_ms
+
+    if (args.model is None) != (args.ckpt is None):
+        raise CommandError("--model and --ckpt go together: both give the float baseline, or neither.")
+    if args.batch < 1 or args.repeats < 1:
+        raise CommandError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}.")
+    _set_threads(args.threads)
+    path = _existing_file(args.artifact, "ARTIFACT")
+    baseline = None
+    if args.model is not None:
+        import lightning.pytorch as pl
+
+        from lightning_quant.capture import get_submodule
+
+        model_cls = _import_class(args.model, "--model", pl.LightningModule)
+        ckpt = _existing_file(args.ckpt, "--ckpt")
+    artifact = export.load(path, backend=args.backend)
+    sidecar = artifact.sidecar
+    if args.batch > sidecar["max_batch_size"]:
+        raise CommandError(f"--batch {args.batch} exceeds the artifact's max_batch_size {sidecar['max_batch_size']}.")
+    call_args, call_kwargs = _example_inputs(sidecar, args.batch)
+    if args.model is not None:
+        model = _load_checkpoint(model_cls, ckpt)
+        try:
+            baseline = get_submodule(model, sidecar["submodule"])
+        except (AttributeError, ValueError, LookupError) as err:
+            raise CommandError(
+                f"--model {args.model}: the artifact was exported from submodule {sidecar['submodule']!r}, which "
+                f"{model_cls.__name__} lacks ({err})."
+            ) from None
+    int8_ms = median_ms(artifact, *call_args, repeats=args.repeats, **call_kwargs)
+    print(
+        f"{path.name} ({sidecar['backend']}), batch {args.batch}, {torch.get_num_threads()} thread(s), "
+        f"median of {args.repeats} runs"
+    )
+    print(f"int8 artifact  {int8_ms:9.3f} ms")
+    if baseline is not None:
+        fp32_ms = median_ms(baseline, *call_args, repeats=args.repeats, **call_kwargs)
+        print(f"fp32 model     {fp32_ms:9.3f} ms  ({args.model}, submodule {sidecar['submodule']!r})")
+        print(f"int8 is {fp32_ms / int8_ms:.2f}x {'faster' if fp32_ms >= int8_ms else 'slower'} than fp32")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-quant", description="int8 quantization for PyTorch Lightning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,15 +415,81 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    from lightning_quant.config import BACKENDS, CALIBRATION_DATA, OBSERVERS
+
+    backends = ", ".join(f"{b.name} ({b.suffix})" for b in BACKENDS.values())
+    ptq = sub.add_parser(
+        "ptq",
+        help="quantize a trained checkpoint (post-training) and export it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load a LightningModule checkpoint (load_from_checkpoint), calibrate it on a\n"
+        "LightningDataModule's data by running its own validation_step, convert to int8, export the\n"
+        "backend's artifact with its JSON sidecar, and report fp32 vs int8 metrics on the datamodule's\n"
+        "validation set.",
+        epilog="example:\n  lightning-quant ptq --model lightning_quant.demo.LitClassifier "
+        "--datamodule lightning_quant.demo.DemoData \\\n      --ckpt last.ckpt --backend x86 --out int8/",
+    )
+    ptq.add_argument("--model", required=True, metavar="CLASS_PATH", help="LightningModule class, e.g. pkg.mod.Model")
+    ptq.add_argument("--datamodule", required=True, metavar="CLASS_PATH", help="LightningDataModule class")
+    ptq.add_argument("--datamodule-args", metavar="JSON", help="its keyword arguments, e.g. '{\"batch_size\": 64}'")
+    ptq.add_argument("--ckpt", required=True, metavar="PATH", help="the trained checkpoint")
+    ptq.add_argument("--backend", default="x86", help=f"{backends}; aliases fbgemm, qnnpack... (default x86)")
+    ptq.add_argument("--calibration-samples", type=int, default=1024, metavar="N", help="default 1024")
+    ptq.add_argument("--calibration-data", default="train", help=f"{' or '.join(CALIBRATION_DATA)} (default train)")
+    ptq.add_argument("--observer", default="histogram", help=f"{', '.join(OBSERVERS)} (default histogram)")
+    ptq.add_argument("--modules", default=None, help="comma-separated submodules to quantize (default: picked)")
+    ptq.add_argument("--max-batch-size", type=int, default=1024, metavar="N", help="largest batch the artifact takes")
+    ptq.add_argument("--out", default="quantized", metavar="DIR", help="output folder (default ./quantized)")
+    ptq.add_argument("--threads", type=int, default=None)
+    ptq.set_defaults(func=_ptq)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="print an artifact's sidecar: backend, versions, metrics, sizes",
+        description="Print what the JSON sidecar next to an artifact records (backend, inputs, sizes, versions, "
+        "fp32 vs int8 metrics and latencies) and whether the file still matches its sha256.",
+    )
+    inspect.add_argument("artifact", metavar="ARTIFACT", help="a .pt2 or .pte file written by lightning-quant")
+    inspect.add_argument("--json", action="store_true", help="print the raw sidecar JSON")
+    inspect.set_defaults(func=_inspect)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time an artifact, optionally against its float model",
+        description="Time the artifact on random inputs shaped as its sidecar records. The float model is not in the "
+        "artifact: give --model and --ckpt to time it too (the same submodule, same inputs) and print the ratio.",
+    )
+    bench.add_argument("artifact", metavar="ARTIFACT", help="a .pt2 or .pte file written by lightning-quant")
+    bench.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default 1)")
+    bench.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    bench.add_argument("--repeats", type=int, default=20, metavar="N", help="timed runs; the median is shown")
+    bench.add_argument("--backend", default=None, help="refuse an artifact for another backend")
+    bench.add_argument("--model", default=None, metavar="CLASS_PATH", help="LightningModule for the fp32 baseline")
+    bench.add_argument("--ckpt", default=None, metavar="PATH", help="its checkpoint")
+    bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_quant.export import ArtifactError
+
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, PermissionError) as err:
+    except (
+        CommandError,
+        ArtifactError,
+        MisconfigurationException,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        ModuleNotFoundError,
+        PermissionError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,240 @@
+"""The `lightning-quant` command: ptq, inspect and bench, their help, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_quant.cli import main
+from lightning_quant.demo import DemoData, LitClassifier
+
+MODEL = "lightning_quant.demo.LitClassifier"
+DATA = "lightning_quant.demo.DemoData"
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert lines and lines[-1].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def _fake_artifact(tmp_path: Path, backend: str = "x86", **extra) -> Path:
+    """A file with a valid-looking sidecar (nothing compiled): enough for `inspect` and for the backend check."""
+    path = tmp_path / f"model_int8{'.pt2' if backend == 'x86' else '.pte'}"
+    path.write_bytes(b"not really a package")
+    sidecar = {
+        "format": 1,
+        "backend": backend,
+        "artifact": "test artifact",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size_bytes": path.stat().st_size,
+        "fp32_size_bytes": 100,
+        "method": "PTQ",
+        "submodule": "model",
+        "inputs": [{"name": "args[0]", "shape": [None, 1, 8, 8], "dtype": "float32"}],
+        "max_batch_size": 64,
+        "num_calibration_samples": 128,
+        "observer": "histogram",
+        "versions": {"torch": "2.13.0"},
+        "metrics": {"fp32": {"val_acc": 0.9}, "int8": {"val_acc": 0.89}},
+        "latency_ms": {"fp32": 2.0, "int8": 0.5},
+        **extra,
+    }
+    Path(str(path) + ".json").write_text(json.dumps(sidecar))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", ["demo", "ptq", "inspect", "bench"])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: lightning-quant {command}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def dummy_ckpt(tmp_path: Path) -> str:
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"not a checkpoint")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "missing.ckpt"], "--ckpt 'missing.ckpt' does not"),
+        (["ptq", "--model", "nopkg.Model", "--datamodule", DATA, "--ckpt", "{ckpt}"], "cannot import 'nopkg'"),
+        (
+            ["ptq", "--model", "lightning_quant.demo.LitClasifier", "--datamodule", DATA, "--ckpt", "{ckpt}"],
+            "Did you mean lightning_quant.demo.LitClassifier?",
+        ),
+        (["ptq", "--model", "LitClassifier", "--datamodule", DATA, "--ckpt", "{ckpt}"], "not a class path"),
+        (["ptq", "--model", DATA, "--datamodule", DATA, "--ckpt", "{ckpt}"], "is not a LightningModule subclass"),
+        (["ptq", "--model", MODEL, "--datamodule", MODEL, "--ckpt", "{ckpt}"], "not a LightningDataModule subclass"),
+        (
+            ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--backend", "x87"],
+            "Expected argument `backend`",
+        ),
+        (
+            ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--observer", "max"],
+            "Expected argument `observer`",
+        ),
+        (
+            ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--datamodule-args", "{bad"],
+            "--datamodule-args is not valid JSON",
+        ),
+        (
+            ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--datamodule-args", '{"nope": 1}'],
+            "unexpected keyword argument 'nope'",
+        ),
+        (["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}"], "not loadable as LitClassifier"),
+        (["inspect", "missing.pt2"], "ARTIFACT 'missing.pt2' does not exist"),
+        (["inspect", "{ckpt}"], "has no sidecar"),
+        (["bench", "{ckpt}"], "has no sidecar"),
+        (["bench", "{artifact}", "--model", MODEL], "--model and --ckpt go together"),
+        (["bench", "{artifact}", "--backend", "arm"], "is a 'x86' artifact, but backend='arm' was asked for"),
+        (["bench", "{artifact}", "--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, capsys, dummy_ckpt, argv, match):
+    artifact = str(_fake_artifact(tmp_path))
+    argv = [a.replace("{ckpt}", dummy_ckpt).replace("{artifact}", artifact) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert match in _one_error_line(captured.err)
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_quant.cli",
+            "bench",
+            str(_fake_artifact(tmp_path, "arm")),
+            "--backend",
+            "x86",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: model_int8.pte is a 'arm' artifact, but backend='x86' was asked for. Export for that backend, or "
+        "load it without `backend=`."
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_prints_the_sidecar_readably(tmp_path, capsys):
+    path = _fake_artifact(tmp_path, undelegated_ops=["aten.view_copy.default"])
+    assert main(["inspect", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # column widths vary
+    for expected in (
+        "backend x86: test artifact",
+        "method PTQ, submodule 'model'",
+        "(matches the file)",
+        "args[0]: float32[N, 1, 8, 8] (N <= 64)",
+        "128 samples, observer histogram",
+        "torch 2.13.0",
+        "fp32 2.000 ms, int8 0.500 ms (4.00x)",
+        "aten.view_copy.default",
+    ):
+        assert expected in out
+    assert "val_acc 0.9000 0.8900 -0.0100" in out
+
+
+def test_inspect_flags_a_changed_file_and_prints_raw_json(tmp_path, capsys):
+    path = _fake_artifact(tmp_path)
+    path.write_bytes(b"altered")
+    assert main(["inspect", str(path)]) == 0
+    assert "DOES NOT match the file" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "x86"
+
+
+# ---------------------------------------------------------------------------------------------- ptq + bench
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory) -> tuple[Path, Path]:
+    """A float LitClassifier checkpoint trained a few batches on scikit-learn's digits (an empty data folder)."""
+    root = tmp_path_factory.mktemp("float")
+    data_dir = root / "no-data"
+    data_dir.mkdir()
+    pl.seed_everything(0, verbose=False)
+    dm = DemoData(data_dir=str(data_dir))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(LitClassifier(image_size=dm.image_size), dm)
+    trainer.save_checkpoint(root / "float.ckpt")
+    return root / "float.ckpt", data_dir
+
+
+@pytest.fixture(scope="module")
+def ptq_artifact(float_ckpt, tmp_path_factory) -> Path:
+    ckpt, data_dir = float_ckpt
+    out = tmp_path_factory.mktemp("int8")
+    argv = ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", str(ckpt), "--out", str(out)]
+    argv += ["--datamodule-args", json.dumps({"data_dir": str(data_dir)}), "--calibration-samples", "128"]
+    assert main(argv) == 0
+    return out / "model_int8.pt2"
+
+
+@pytest.mark.slow
+def test_ptq_command_quantizes_a_checkpoint(ptq_artifact, capsys):
+    sidecar = json.loads(Path(str(ptq_artifact) + ".json").read_text())
+    assert (sidecar["method"], sidecar["backend"], sidecar["num_calibration_samples"]) == ("PTQ", "x86", 128)
+    assert set(sidecar["metrics"]["int8"]) == {"val_acc", "val_loss"}
+    assert abs(sidecar["metrics"]["int8"]["val_acc"] - sidecar["metrics"]["fp32"]["val_acc"]) < 0.1
+
+
+@pytest.mark.slow
+def test_ptq_command_checks_modules_and_data_before_quantizing(float_ckpt, tmp_path, capsys):
+    ckpt, data_dir = float_ckpt
+    base = ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", str(ckpt), "--out", str(tmp_path)]
+    digits = ["--datamodule-args", json.dumps({"data_dir": str(data_dir)})]
+    assert main([*base, *digits, "--modules", "nothere"]) == 2
+    assert "'nothere' does not exist" in _one_error_line(capsys.readouterr().err)
+    assert main([*base, *digits, "--calibration-data", "val", "--calibration-samples", "1"]) == 0  # val works too
+    assert (tmp_path / "model_int8.pt2").is_file()
+
+
+@pytest.mark.slow
+def test_bench_against_the_float_model(ptq_artifact, float_ckpt, capsys):
+    ckpt, _ = float_ckpt
+    argv = ["bench", str(ptq_artifact), "--batch", "16", "--threads", "1", "--repeats", "3"]
+    assert main([*argv, "--model", MODEL, "--ckpt", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "batch 16, 1 thread(s), median of 3 runs" in out
+    assert "int8 artifact" in out and "fp32 model" in out
+    assert "than fp32" in out
+    assert main(argv) == 0  # the artifact alone
+    out = capsys.readouterr().out
+    assert "int8 artifact" in out and "fp32 model" not in out
+    assert main([*argv[:2], "--batch", "65536"]) == 2
+    assert "exceeds the artifact's max_batch_size 1024" in _one_error_line(capsys.readouterr().err)
