@@ -233,6 +233,12 @@ def export(
     module: nn.Module, args: tuple, kwargs: dict, *, max_batch_size: int, name: str, strict: bool = False
 ) -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch dim; failures become a :class:`CaptureError` naming ``name``."""
+    batch = batch_size_of((args, kwargs))
+    if batch is not None and batch > max_batch_size:
+        raise ValueError(
+            f"Expected argument `max_batch_size` ({max_batch_size}) to be at least the batch size {name!r} is called "
+            f"with ({batch}). Raise `max_batch_size` or use smaller batches."
+        )
     args, kwargs = widen_batch(args, kwargs)
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
     try:

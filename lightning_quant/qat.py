@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -132,6 +133,11 @@ class QATCallback(Callback):
                 f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
             )
         return next(iter(self.quantized_modules.values()))
+
+    @property
+    def artifacts(self) -> dict[str, Path]:
+        """Submodule name -> exported artifact path, after ``fit`` ends."""
+        return dict(self.report.artifacts) if self.report else {}
 
     # ---------------------------------------------------------------------------------------------- hooks
 

@@ -203,3 +203,9 @@ def test_calls_may_leave_out_defaults_or_pass_keywords_positionally():
     ref = graph(x, scale=1.0)  # captured with a keyword
     torch.testing.assert_close(graph(x), ref)  # default filled in
     torch.testing.assert_close(graph(x, 1.0), ref)  # keyword given positionally
+
+
+def test_batches_larger_than_max_batch_size_are_refused_at_capture():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"`max_batch_size` \(8\) to be at least the batch size .* \(16\)"):
+        quantize_ptq(net, [torch.randn(16, 4)], max_batch_size=8)
