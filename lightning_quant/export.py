@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
+from lightning_quant.capture import ROUTE_ATTR
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, resolve_backend
 from lightning_quant.quantize import META_KEY, pad_single_channel_qconvs
@@ -81,7 +82,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def float_size_bytes(module: nn.Module) -> int:
     """Size of ``module``'s float state_dict as ``torch.save`` writes it (the fp32 baseline of size ratios)."""
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    state = {
+        k: v.detach().cpu()
+        for k, v in module.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.startswith(ROUTE_ATTR + ".")  # not a stand-in routed to by `forward`
+    }
+    torch.save(state, buf)
     return buf.tell()
 
 
@@ -200,6 +206,26 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     }
     write_json_atomic(sidecar_path(path), sidecar)
     return sidecar
+
+
+def to_bytes(quantized: torch.fx.GraphModule) -> bytes:
+    """Serialise an in-process int8 model (as a ``torch.export`` program plus its capture details)."""
+    info = quantized.meta[META_KEY]
+    ep = capture_export(quantized, *info["example_inputs"], max_batch_size=info["max_batch_size"], name=info["name"])
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    meta = io.BytesIO()
+    torch.save(info, meta)
+    return json.dumps({"program": buf.getvalue().hex(), "meta": meta.getvalue().hex()}).encode()
+
+
+def from_bytes(data: bytes) -> torch.fx.GraphModule:
+    """Inverse of :func:`to_bytes` (between processes of one job; ``weights_only`` loading)."""
+    _torchao.register_quantized_ops()
+    payload = json.loads(data)
+    gm = torch.export.load(io.BytesIO(bytes.fromhex(payload["program"]))).module()
+    gm.meta[META_KEY] = torch.load(io.BytesIO(bytes.fromhex(payload["meta"])), weights_only=True)
+    return gm
 
 
 def update_sidecar(path: str | os.PathLike, **fields: Any) -> dict:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_quant import _torchao
+from lightning_quant import _torchao, export
 from lightning_quant._guards import check_siblings, check_strategy
 from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
 from lightning_quant._report import QuantReport, finish
@@ -141,9 +141,19 @@ class PTQCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.interrupted or not trainer.is_global_zero:
+        if trainer.interrupted:
             return
-        self.quantize(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.quantize(trainer, pl_module)
+        if trainer.world_size > 1:
+            # Calibrate once, on rank 0 (the only rank that writes artifacts), and hand every rank the same int8 model,
+            # hence the same ranges.
+            payload = (
+                {n: export.to_bytes(q) for n, q in self.quantized_modules.items()} if trainer.is_global_zero else None
+            )
+            payload = trainer.strategy.broadcast(payload, src=0)
+            if not trainer.is_global_zero:
+                self.quantized_modules = {n: export.from_bytes(b) for n, b in payload.items()}
 
     def calibration_loader(self, trainer: pl.Trainer) -> Any:
         """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""

@@ -51,6 +51,13 @@ def main():
         default_root_dir=out,
     )
     trainer.fit(model, train, val)
+    if kind == "ptq":  # every rank holds rank 0's int8 model: same quantization parameters everywhere
+        qparams = {k: v for k, v in cb.quantized_model.state_dict().items() if "scale" in k or "zero_point" in k}
+        torch.save(qparams, os.path.join(out, f"qparams_r{trainer.global_rank}.pt"))
+        activation_qparams = [  # activation scales and zero points are literals in the graph
+            tuple(n.args[1:3]) for n in cb.quantized_model.graph.nodes if "quantize_per_tensor" in str(n.target)
+        ]
+        torch.save(activation_qparams, os.path.join(out, f"act_qparams_r{trainer.global_rank}.pt"))
     x = val.dataset.tensors[0][:8]
     model.eval()
     with torch.no_grad():

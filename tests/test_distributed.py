@@ -49,6 +49,10 @@ def test_ddp_ptq_exports_once(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
     assert _tensor_diffs(tmp_path, 2) == []
+    q0, q1 = torch.load(tmp_path / "qparams_r0.pt"), torch.load(tmp_path / "qparams_r1.pt")
+    assert q0 and q0.keys() == q1.keys() and all(torch.equal(q0[k], q1[k]) for k in q0)
+    a0, a1 = torch.load(tmp_path / "act_qparams_r0.pt"), torch.load(tmp_path / "act_qparams_r1.pt")
+    assert a0 and a0 == a1
 
 
 @pytest.mark.slow

@@ -319,3 +319,36 @@ def test_artifacts_written_beside_checkpoints_never_touch_them(tmp_path):
         "model_int8.pt2",
         "model_int8.pt2.json",
     ]
+
+
+class _WithTestStep(DropoutNet):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self.model(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.slow
+def test_test_with_ckpt_path_on_a_qat_checkpoint(checkpoints):
+    tmp, record, _ = checkpoints
+    model = _WithTestStep()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp,
+        callbacks=[QATCallback(start_epoch=1)],
+    )
+    out = trainer.test(model, _loaders()[1], ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"), verbose=False)
+    assert isinstance(model.model, QATGraph)
+    assert out[0]["test_acc"] == pytest.approx(record.val_acc[1], abs=1e-6)  # same data as validation
+
+
+@pytest.mark.parametrize("cls", [PTQCallback, QATCallback])
+def test_unwritable_dirpath_fails_before_training(cls, tmp_path, monkeypatch):
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    model = DropoutNet()
+    with pytest.raises(PermissionError, match=r"`dirpath` to be writable"):
+        _fit(model, [cls(dirpath=str(tmp_path / "out"))], tmp_path, max_epochs=1)
