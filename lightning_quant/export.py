@@ -348,9 +348,14 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
         FileNotFoundError: ``path`` does not exist.
         ArtifactError: missing/invalid sidecar, checksum mismatch, or an artifact for another backend.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected argument `path` to be a file path, but got {type(path).__name__}.")
+    if not isinstance(verify, bool):
+        raise TypeError(f"Expected argument `verify` to be a bool, but got {verify!r}.")
+    wanted = resolve_backend(backend).name if backend is not None else None
     path = Path(path)
     sidecar = read_sidecar(path)
-    if backend is not None and resolve_backend(backend).name != sidecar["backend"]:
+    if wanted is not None and wanted != sidecar["backend"]:
         raise ArtifactError(
             f"{path.name} is a {sidecar['backend']!r} artifact, but backend={backend!r} was asked for. Export for that "
             f"backend, or load it without `backend=`."

@@ -329,3 +329,17 @@ def test_kwargs_artifact_refuses_another_constant(kwargs_artifact):
     x, mask = torch.randn(5, 16), torch.rand(5, 4)
     with pytest.raises(ValueError, match="scale"):
         kwargs_artifact.loaded(x=x, scale=2.0, mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"path": 3}, TypeError, r"`path` to be a file path"),
+        ({"path": "x.pt2", "verify": "yes"}, TypeError, r"`verify` to be a bool"),
+        ({"path": "x.pt2", "backend": 1}, TypeError, r"`backend` to be a string"),
+        ({"path": "x.pt2", "backend": "x87"}, ValueError, r"`backend`.*Did you mean 'x86'"),
+    ],
+)
+def test_load_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load(**kwargs)
