@@ -158,3 +158,26 @@ def finish(
         )
     rank_zero_info(report.table())
     return report
+
+
+class QuantResults:
+    """What both callbacks expose after ``fit``: the in-process int8 modules, their artifacts and the report."""
+
+    quantized_modules: dict[str, torch.fx.GraphModule]
+    report: QuantReport | None
+
+    @property
+    def quantized_model(self) -> torch.fx.GraphModule:
+        """The int8 model (a ``GraphModule`` with the float submodule's call signature), after ``fit`` ends."""
+        if not self.quantized_modules:
+            raise RuntimeError(f"`{type(self).__name__}.quantized_model` is available after `trainer.fit` has ended.")
+        if len(self.quantized_modules) > 1:
+            raise RuntimeError(
+                f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
+            )
+        return next(iter(self.quantized_modules.values()))
+
+    @property
+    def artifacts(self) -> dict[str, Path]:
+        """Submodule name -> exported artifact path, after ``fit`` ends."""
+        return dict(self.report.artifacts) if self.report else {}

@@ -96,6 +96,18 @@ def expect_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def expect_output_args(dirpath: Any, evaluate: Any, metric_suffix: Any) -> None:
+    """Validate the callbacks' shared output arguments."""
+    import os
+
+    if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+        raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
+    if not isinstance(evaluate, bool):
+        raise TypeError(f"Expected argument `evaluate` to be a bool, but got {evaluate!r}.")
+    if not isinstance(metric_suffix, str) or not metric_suffix:
+        raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
+
+
 def expect_modules(value: Any) -> tuple[str, ...] | None:
     """Normalise ``modules=``: ``None`` (pick automatically), a dotted name, or a list of dotted names."""
     if value is None:

@@ -14,9 +14,9 @@ from typing_extensions import override
 from lightning_quant import _torchao, export
 from lightning_quant._guards import check_siblings, check_strategy
 from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
-from lightning_quant._report import QuantReport, finish
+from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import get_submodule, resolve_targets
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.quantize import CalibrationGraph
 
 
@@ -37,7 +37,7 @@ def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> P
     return path
 
 
-class PTQCallback(Callback):
+class PTQCallback(QuantResults, Callback):
     """Post-training int8 quantization of the trained model when ``fit`` ends, exported for x86 or ARM.
 
     Calibrates observers on ``num_calibration_samples`` samples by running your LightningModule's own
@@ -94,34 +94,12 @@ class PTQCallback(Callback):
         )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)
-        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
-            raise TypeError(
-                f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}."
-            )
-        if not isinstance(evaluate, bool):
-            raise TypeError(f"Expected argument `evaluate` to be a bool, but got {evaluate!r}.")
-        if not isinstance(metric_suffix, str) or not metric_suffix:
-            raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
+        expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
         self.report: QuantReport | None = None
-
-    @property
-    def quantized_model(self) -> torch.fx.GraphModule:
-        """The int8 model (a ``GraphModule`` with the float submodule's call signature), after ``fit`` ends."""
-        if not self.quantized_modules:
-            raise RuntimeError("`PTQCallback.quantized_model` is available after `trainer.fit` has ended.")
-        if len(self.quantized_modules) > 1:
-            raise RuntimeError(
-                f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
-            )
-        return next(iter(self.quantized_modules.values()))
-
-    @property
-    def artifacts(self) -> dict[str, Path]:
-        return dict(self.report.artifacts) if self.report else {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

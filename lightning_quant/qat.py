@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,9 +11,9 @@ from typing_extensions import override
 
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy
-from lightning_quant._report import QuantReport, finish
+from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.ptq import resolve_dirpath
 from lightning_quant.qat_graph import QATGraph
 
@@ -30,7 +29,7 @@ def _expect_epoch(name: str, value: Any, optional: bool) -> int | None:
     return value
 
 
-class QATCallback(Callback):
+class QATCallback(QuantResults, Callback):
     """Quantization-aware training: fake-quantize the chosen submodules from ``start_epoch``, export int8 at fit end.
 
     Until ``start_epoch`` training is plain float. From the start of that epoch each chosen submodule is replaced by a
@@ -97,15 +96,9 @@ class QATCallback(Callback):
                     f"Expected argument `{name}` to be >= `start_epoch` ({self.start_epoch}), but got {value}: "
                     f"there is nothing to freeze before QAT starts. Use {name}={self.start_epoch} or later."
                 )
-        for name, value in (("export", export), ("evaluate", evaluate)):
-            if not isinstance(value, bool):
-                raise TypeError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
-        if dirpath is not None and not isinstance(dirpath, str):
-            raise TypeError(
-                f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}."
-            )
-        if not isinstance(metric_suffix, str) or not metric_suffix:
-            raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
+        if not isinstance(export, bool):
+            raise TypeError(f"Expected argument `export` to be a bool, but got {export!r}.")
+        expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self.export = export
         self.evaluate = evaluate
@@ -122,22 +115,6 @@ class QATCallback(Callback):
         targets = self.targets or resolve_targets(pl_module, self.config.modules)
         found = {name: installed(pl_module, name) for name in targets}
         return {name: g for name, g in found.items() if isinstance(g, QATGraph)}
-
-    @property
-    def quantized_model(self) -> torch.fx.GraphModule:
-        """The int8 model exported at fit end (a ``GraphModule`` with the float submodule's call signature)."""
-        if not self.quantized_modules:
-            raise RuntimeError("`QATCallback.quantized_model` is available after `trainer.fit` has ended.")
-        if len(self.quantized_modules) > 1:
-            raise RuntimeError(
-                f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."
-            )
-        return next(iter(self.quantized_modules.values()))
-
-    @property
-    def artifacts(self) -> dict[str, Path]:
-        """Submodule name -> exported artifact path, after ``fit`` ends."""
-        return dict(self.report.artifacts) if self.report else {}
 
     # ---------------------------------------------------------------------------------------------- hooks
 
