@@ -1,6 +1,9 @@
-"""Refusals shared by the callbacks, checked at ``setup`` before any training: strategies and sibling callbacks."""
+"""Checks shared by the callbacks at ``setup``, before training: strategies, sibling callbacks, output folder."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -59,3 +62,20 @@ def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.Lig
                 f"Two PTQCallbacks for backend {callback.config.backend!r} write {shared} to the same `dirpath`; "
                 "give them different `dirpath`s or keep one."
             )
+
+
+def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> Path:
+    """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
+    path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path."
+        )
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not. Pass a folder you can write to."
+        )
+    return path

@@ -6,6 +6,7 @@ Everything here is a plain value (strings, ints, lists) so that LightningCLI YAM
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,6 @@ def expect_positive_int(name: str, value: Any) -> int:
 
 def expect_output_args(dirpath: Any, evaluate: Any, metric_suffix: Any) -> None:
     """Validate the callbacks' shared output arguments."""
-    import os
-
     if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
         raise TypeError(f"Expected argument `dirpath` to be a path string or None, but got {type(dirpath).__name__}.")
     if not isinstance(evaluate, bool):

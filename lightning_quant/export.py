@@ -208,23 +208,22 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     return sidecar
 
 
-def to_bytes(quantized: torch.fx.GraphModule) -> bytes:
-    """Serialise an in-process int8 model (as a ``torch.export`` program plus its capture details)."""
+def serialize(quantized: torch.fx.GraphModule) -> tuple[bytes, bytes]:
+    """An in-process int8 model as bytes (its ``torch.export`` program, its capture details), to send to other ranks."""
     info = quantized.meta[META_KEY]
     ep = capture_export(quantized, *info["example_inputs"], max_batch_size=info["max_batch_size"], name=info["name"])
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    meta = io.BytesIO()
+    program, meta = io.BytesIO(), io.BytesIO()
+    torch.export.save(ep, program)
     torch.save(info, meta)
-    return json.dumps({"program": buf.getvalue().hex(), "meta": meta.getvalue().hex()}).encode()
+    return program.getvalue(), meta.getvalue()
 
 
-def from_bytes(data: bytes) -> torch.fx.GraphModule:
-    """Inverse of :func:`to_bytes` (between processes of one job; ``weights_only`` loading)."""
+def deserialize(data: tuple[bytes, bytes]) -> torch.fx.GraphModule:
+    """Inverse of :func:`serialize` (``weights_only`` loading)."""
     _torchao.register_quantized_ops()
-    payload = json.loads(data)
-    gm = torch.export.load(io.BytesIO(bytes.fromhex(payload["program"]))).module()
-    gm.meta[META_KEY] = torch.load(io.BytesIO(bytes.fromhex(payload["meta"])), weights_only=True)
+    program, meta = data
+    gm = torch.export.load(io.BytesIO(program)).module()
+    gm.meta[META_KEY] = torch.load(io.BytesIO(meta), weights_only=True)
     return gm
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,29 +10,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao, export
-from lightning_quant._guards import check_siblings, check_strategy
+from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
 from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import get_submodule, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.quantize import CalibrationGraph
-
-
-def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> Path:
-    """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
-    path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
-    if path.exists() and not path.is_dir():
-        raise ValueError(
-            f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path."
-        )
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not. Pass a folder you can write to."
-        )
-    return path
 
 
 class PTQCallback(QuantResults, Callback):
@@ -127,11 +108,11 @@ class PTQCallback(QuantResults, Callback):
             # Calibrate once, on rank 0 (the only rank that writes artifacts), and hand every rank the same int8 model,
             # hence the same ranges.
             payload = (
-                {n: export.to_bytes(q) for n, q in self.quantized_modules.items()} if trainer.is_global_zero else None
+                {n: export.serialize(q) for n, q in self.quantized_modules.items()} if trainer.is_global_zero else None
             )
             payload = trainer.strategy.broadcast(payload, src=0)
             if not trainer.is_global_zero:
-                self.quantized_modules = {n: export.from_bytes(b) for n, b in payload.items()}
+                self.quantized_modules = {n: export.deserialize(b) for n, b in payload.items()}
 
     def calibration_loader(self, trainer: pl.Trainer) -> Any:
         """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""

@@ -10,11 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao
-from lightning_quant._guards import check_siblings, check_strategy
+from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
-from lightning_quant.ptq import resolve_dirpath
 from lightning_quant.qat_graph import QATGraph
 
 

@@ -9,6 +9,7 @@ Usable from a plain PyTorch loop::
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,6 +57,10 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    return functools.reduce(lambda obj, name: getattr(obj, name, None), target.split("."), gm)
+
+
 def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
     """Compute each int8 conv with one input channel as a 2-channel conv whose extra channel and weights are zero.
 
@@ -80,9 +85,8 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
         x_q, w_attr, w_zp = x_dq.args[0], w_dq.args[0], w_dq.args[2]
         if getattr(x_q, "target", None) != qd.quantize_per_tensor.default or w_attr.op != "get_attr":
             continue
-        weight = gm.get_parameter(w_attr.target) if w_attr.target in dict(gm.named_parameters()) else None
-        weight = weight if weight is not None else getattr(gm, w_attr.target, None)
-        zero_points = getattr(gm, w_zp.target, None) if getattr(w_zp, "op", None) == "get_attr" else None
+        weight = _get_attr(gm, w_attr.target)
+        zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
         if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or weight.shape[1] != 1:
             continue
         if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:

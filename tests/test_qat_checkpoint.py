@@ -36,6 +36,13 @@ class _Record(Callback):
             self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics["val_acc"])
 
 
+def _eval_trainer(root, callback):
+    """A quiet CPU Trainer for validate/test/predict with a QAT callback in it."""
+    return pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root, callbacks=[callback]
+    )
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
@@ -66,13 +73,7 @@ def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
 def test_validate_with_ckpt_path_reproduces_the_qat_metrics(checkpoints):
     tmp, record, _ = checkpoints
     model = DropoutNet()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp,
-        callbacks=[QATCallback(start_epoch=1)],
-    )
+    trainer = _eval_trainer(tmp, QATCallback(start_epoch=1))
     out = trainer.validate(model, _loaders()[1], ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"), verbose=False)
     assert isinstance(model.model, QATGraph)
     assert out[0]["val_acc"] == pytest.approx(record.val_acc[1], abs=1e-6)
@@ -114,13 +115,7 @@ def test_resume_of_a_self_routed_model(tmp_path):
         enable_checkpointing=True,
     )
     model = FlatLayout()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[QATCallback(start_epoch=0)],
-    )
+    trainer = _eval_trainer(tmp_path, QATCallback(start_epoch=0))
     trainer.validate(model, _loaders()[1], ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"), verbose=False)
     assert isinstance(model._lightning_quant_forward, QATGraph) and model._lightning_quant_forward.captured
 
@@ -331,13 +326,7 @@ class _WithTestStep(DropoutNet):
 def test_test_with_ckpt_path_on_a_qat_checkpoint(checkpoints):
     tmp, record, _ = checkpoints
     model = _WithTestStep()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp,
-        callbacks=[QATCallback(start_epoch=1)],
-    )
+    trainer = _eval_trainer(tmp, QATCallback(start_epoch=1))
     out = trainer.test(model, _loaders()[1], ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"), verbose=False)
     assert isinstance(model.model, QATGraph)
     assert out[0]["test_acc"] == pytest.approx(record.val_acc[1], abs=1e-6)  # same data as validation
