@@ -37,6 +37,7 @@ def _quiet_import() -> Iterator[None]:
 def _pt2e() -> Any:
     with _quiet_import():
         import torchao.quantization.pt2e as pt2e
+        import torchao.quantization.pt2e.fake_quantize  # noqa: F401
         import torchao.quantization.pt2e.observer  # noqa: F401
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
@@ -92,15 +93,66 @@ def _with_activation_observer(qconfig: Any, observer: str) -> Any:
     )
 
 
-def get_quantizer(backend: str, *, is_qat: bool = False, observer: str | None = None) -> Any:
+@functools.cache
+def _shared_range_observers() -> dict[str, type]:
+    """Per-channel weight observers whose channels all share one range: per-tensor numerics in per-channel form.
+
+    x86's Inductor lowering fuses only per-channel int8 weights into its int8 conv/linear kernels; a per-tensor weight
+    would fall back to dequantize + fp32 conv. Giving every channel the same (min, max) gives the same scale to every
+    channel, so the int8 values equal per-tensor quantization's exactly while the fast kernels still apply.
+    """
+    obs = _pt2e().observer
+
+    def shared(base: type) -> type:
+        def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+            out = base.forward(self, x)
+            if self.min_val.numel():
+                self.min_val.fill_(self.min_val.min())
+                self.max_val.fill_(self.max_val.max())
+            return out
+
+        name = f"SharedRange{base.__name__}"
+        return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+    classes = [shared(obs.PerChannelMinMaxObserver), shared(obs.MovingAveragePerChannelMinMaxObserver)]
+    return {cls.__name__: cls for cls in classes}
+
+
+def __getattr__(name: str) -> Any:
+    # Lets pickle and ``copy`` find the lazily built observer classes by name.
+    if name.startswith("SharedRange"):
+        classes = _shared_range_observers()
+        if name in classes:
+            return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _x86_per_tensor_weights(qconfig: Any, is_qat: bool) -> Any:
+    """Return x86 ``qconfig`` with per-tensor weight numerics (see :func:`_shared_range_observers`)."""
+    classes = _shared_range_observers()
+    spec = qconfig.weight
+    if is_qat:
+        ctor = _pt2e().fake_quantize.FakeQuantize.with_args(
+            observer=classes["SharedRangeMovingAveragePerChannelMinMaxObserver"], eps=2**-12
+        )
+    else:
+        ctor = classes["SharedRangePerChannelMinMaxObserver"].with_args(eps=2**-12)
+    return dataclasses.replace(qconfig, weight=dataclasses.replace(spec, observer_or_fake_quant_ctr=ctor))
+
+
+def get_quantizer(backend: str, *, is_qat: bool = False, observer: str | None = None, per_channel: bool = True) -> Any:
     """Build the PT2E quantizer for ``backend`` ("x86" or "arm").
 
-    x86: torchao's ``X86InductorQuantizer`` (per-channel int8 weights, uint8 activations).
-    arm: ExecuTorch's ``XNNPACKQuantizer`` (per-channel symmetric int8 weights, int8 activations).
+    x86: torchao's ``X86InductorQuantizer`` (int8 weights, uint8 activations).
+    arm: ExecuTorch's ``XNNPACKQuantizer`` (symmetric int8 weights, int8 activations).
+    Weights are per-channel unless ``per_channel=False`` (one scale per tensor; on x86 in per-channel form with all
+    channels sharing it, so that Inductor's int8 kernels still apply).
     """
     if backend == "x86":
         xiq = _pt2e().quantizer.x86_inductor_quantizer
         qconfig = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)
+        if not per_channel:
+            qconfig = _x86_per_tensor_weights(qconfig, is_qat)
         if observer and not is_qat:
             qconfig = _with_activation_observer(qconfig, observer)
         return xiq.X86InductorQuantizer().set_global(qconfig)
@@ -112,7 +164,7 @@ def get_quantizer(backend: str, *, is_qat: bool = False, observer: str | None = 
                 XNNPACKQuantizer,
                 get_symmetric_quantization_config,
             )
-        qconfig = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+        qconfig = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat)
         if observer and not is_qat:
             qconfig = _with_activation_observer(qconfig, observer)
         return XNNPACKQuantizer().set_global(qconfig)

@@ -49,6 +49,7 @@ BACKENDS: dict[str, Backend] = {
 
 OBSERVERS: tuple[str, ...] = ("histogram", "minmax", "moving_average")
 CALIBRATION_DATA: tuple[str, ...] = ("train", "val")
+WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 
 
 def _did_you_mean(value: str, choices: Sequence[str]) -> str:
@@ -148,6 +149,8 @@ class QuantConfig:
         num_calibration_samples: how many samples PTQ calibrates on.
         calibration_data: ``"train"`` or ``"val"``: which dataloader PTQ calibrates on.
         max_batch_size: largest batch the exported artifact accepts (the batch dimension is dynamic up to it).
+        weight_granularity: ``"per_channel"`` (default: one scale per output channel) or ``"per_tensor"`` (one scale
+            per weight tensor, for hardware that needs it; usually less accurate on depthwise nets).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -160,6 +163,7 @@ class QuantConfig:
     num_calibration_samples: int = 1024
     calibration_data: str = "train"
     max_batch_size: int = 1024
+    weight_granularity: str = "per_channel"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", resolve_backend(self.backend).name)
@@ -170,6 +174,11 @@ class QuantConfig:
             self, "calibration_data", _expect_choice("calibration_data", self.calibration_data, CALIBRATION_DATA)
         )
         expect_positive_int("max_batch_size", self.max_batch_size)
+        object.__setattr__(
+            self,
+            "weight_granularity",
+            _expect_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
+        )
         if self.max_batch_size < 2:
             raise ValueError(
                 f"Expected argument `max_batch_size` to be >= 2 (the batch dimension is exported as dynamic), "
@@ -179,3 +188,7 @@ class QuantConfig:
     @property
     def target(self) -> Backend:
         return BACKENDS[self.backend]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_granularity == "per_channel"

@@ -32,6 +32,8 @@ class PTQCallback(QuantResults, Callback):
         num_calibration_samples: samples to calibrate on (1,000-3,000 usually suffice).
         calibration_data: ``"train"`` or ``"val"``: the dataloader to draw calibration batches from.
         observer: activation observer: ``"histogram"``, ``"minmax"`` or ``"moving_average"``.
+        weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales (for hardware that needs
+            one scale per tensor; costs accuracy on nets whose channels have very different ranges).
         modules: dotted names of the submodules to quantize, ``"self"`` for the LightningModule's own ``forward``, or
             ``None`` to pick: layers defined directly on the LightningModule -> ``"self"``, else every child holding
             Conv/Linear layers (``"model"``, or ``"backbone"`` and ``"head"``).
@@ -59,6 +61,7 @@ class PTQCallback(QuantResults, Callback):
         num_calibration_samples: int = 1024,
         calibration_data: str = "train",
         observer: str = "histogram",
+        weight_granularity: str = "per_channel",
         modules: str | list[str] | None = None,
         dirpath: str | None = None,
         max_batch_size: int = 1024,
@@ -72,6 +75,7 @@ class PTQCallback(QuantResults, Callback):
             num_calibration_samples=num_calibration_samples,
             calibration_data=calibration_data,
             max_batch_size=max_batch_size,
+            weight_granularity=weight_granularity,
         )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)

@@ -47,6 +47,8 @@ class QATCallback(QuantResults, Callback):
         start_epoch: first epoch trained with fake quantization (0 = from the start, e.g. fine-tuning a float model).
         freeze_bn_epoch: from this epoch BatchNorm uses and keeps its running statistics (``None``: never).
         freeze_observer_epoch: from this epoch scales and zero points stop changing (``None``: never).
+        weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales, as in
+            :class:`~lightning_quant.PTQCallback`.
         modules: what to quantize, as in :class:`~lightning_quant.PTQCallback`.
         dirpath: where artifacts go (default ``<trainer.log_dir>/quantized``).
         max_batch_size: largest batch the artifact accepts.
@@ -73,6 +75,7 @@ class QATCallback(QuantResults, Callback):
         start_epoch: int = 0,
         freeze_bn_epoch: int | None = None,
         freeze_observer_epoch: int | None = None,
+        weight_granularity: str = "per_channel",
         modules: str | list[str] | None = None,
         dirpath: str | None = None,
         max_batch_size: int = 1024,
@@ -80,7 +83,9 @@ class QATCallback(QuantResults, Callback):
         evaluate: bool = True,
         metric_suffix: str = "_int8",
     ) -> None:
-        self.config = QuantConfig(backend=backend, modules=modules, max_batch_size=max_batch_size)
+        self.config = QuantConfig(
+            backend=backend, modules=modules, max_batch_size=max_batch_size, weight_granularity=weight_granularity
+        )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)
         self.start_epoch = _expect_epoch("start_epoch", start_epoch, optional=False)
@@ -214,6 +219,7 @@ class QATCallback(QuantResults, Callback):
         return {
             "phase": self.phase,
             "backend": self.config.backend,
+            "weight_granularity": self.config.weight_granularity,
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
@@ -229,6 +235,12 @@ class QATCallback(QuantResults, Callback):
             raise ValueError(
                 f"The checkpoint was trained with QAT on {list(saved)}, but `modules` now selects "
                 f"{list(self.targets)}. Resume with the same `modules`."
+            )
+        granularity = state_dict.get("weight_granularity", "per_channel")
+        if self.phase != "float" and granularity != self.config.weight_granularity:
+            raise ValueError(
+                f"The checkpoint was trained with QAT and weight_granularity={granularity!r}, but "
+                f"`weight_granularity` is now {self.config.weight_granularity!r}. Resume with the same value."
             )
 
 

@@ -161,7 +161,7 @@ class QATGraph(nn.Module):
             ep = export(shell, *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name)
         finally:
             module.train(was_training)
-        quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True)
+        quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True, per_channel=self.config.per_channel)
         gm = _torchao.prepare(ep.module(), quantizer, is_qat=True)
         if _torchao.count_observers(gm) == 0:
             raise ValueError(
@@ -254,6 +254,7 @@ class QATGraph(nn.Module):
             "max_batch_size": self.config.max_batch_size,
             "num_calibration_samples": None,
             "observer": "qat",
+            "weight_granularity": self.config.weight_granularity,
         }
         return q
 

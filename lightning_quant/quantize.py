@@ -145,7 +145,9 @@ class CalibrationGraph(nn.Module):
             ep = export(
                 self._snapshot[0], *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name
             )
-            quantizer = _torchao.get_quantizer(self.config.backend, observer=self.config.observer)
+            quantizer = _torchao.get_quantizer(
+                self.config.backend, observer=self.config.observer, per_channel=self.config.per_channel
+            )
             self.prepared = _torchao.prepare(ep.module(), quantizer)
             if _torchao.count_observers(self.prepared) == 0:
                 raise ValueError(
@@ -172,6 +174,7 @@ class CalibrationGraph(nn.Module):
             "max_batch_size": self.config.max_batch_size,
             "num_calibration_samples": self.num_samples,
             "observer": self.config.observer,
+            "weight_granularity": self.config.weight_granularity,
         }
         return q
 
@@ -183,6 +186,7 @@ def quantize_ptq(
     backend: str = "x86",
     num_calibration_samples: int = 1024,
     observer: str = "histogram",
+    weight_granularity: str = "per_channel",
     max_batch_size: int = 1024,
     input_fn: Callable[[Any], Any] | None = None,
 ) -> torch.fx.GraphModule:
@@ -198,6 +202,7 @@ def quantize_ptq(
         backend: ``"x86"`` or ``"arm"`` (see :class:`~lightning_quant.config.QuantConfig`).
         num_calibration_samples: stop after this many samples (counted along dim 0).
         observer: ``"histogram"``, ``"minmax"`` or ``"moving_average"``.
+        weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales.
         max_batch_size: largest batch the exported artifact will accept.
         input_fn: maps a dataloader item to model inputs, e.g. ``lambda batch: batch[0]`` for ``(x, y)`` batches.
 
@@ -220,6 +225,7 @@ def quantize_ptq(
         observer=observer,
         num_calibration_samples=num_calibration_samples,
         max_batch_size=max_batch_size,
+        weight_granularity=weight_granularity,
     )
     if isinstance(calibration_data, torch.Tensor):
         raise TypeError(

@@ -318,3 +318,33 @@ def test_finetune_from_a_float_checkpoint_of_a_project_that_never_used_the_plugi
     trainer = _fit(restored, [qat], tmp_path, max_epochs=1)
     assert qat.report.artifacts["model"].is_file()
     assert "val_acc_int8" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_per_tensor_qat_trains_with_one_weight_scale_and_converts(backend):
+    from lightning_quant.config import QuantConfig
+    from lightning_quant.quantize import META_KEY
+
+    torch.manual_seed(0)
+    net = DropoutNet().model
+    graph = QATGraph(net, "model", QuantConfig(backend=backend, weight_granularity="per_tensor")).train()
+    opt = torch.optim.SGD(graph.parameters(), lr=0.05)
+    x = _data(32, seed=1).tensors[0]
+    for _ in range(3):
+        opt.zero_grad()
+        graph(x).square().mean().backward()
+        opt.step()
+    weight_fqs = [m for m in _fake_quants(graph) if m.qscheme in _WEIGHT_QSCHEMES]  # activations: per_tensor_affine
+    assert len(weight_fqs) == 2  # conv and linear
+    for fq in weight_fqs:
+        assert fq.scale.unique().numel() == 1  # one scale for the whole weight (per-channel form on x86)
+    graph.eval()
+    with torch.no_grad():
+        fake = graph(x)
+        q = graph.convert()
+        assert q.meta[META_KEY]["weight_granularity"] == "per_tensor"
+        step = float(fake.max() - fake.min()) / 255
+        assert (q(x) - fake).abs().max() <= 2 * step + 1e-5
+
+
+_WEIGHT_QSCHEMES = (torch.per_channel_symmetric, torch.per_tensor_symmetric)

@@ -70,6 +70,14 @@ def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
 
 
 @pytest.mark.slow
+def test_resume_with_another_weight_granularity_is_refused(checkpoints):
+    tmp, _, _ = checkpoints
+    qat = QATCallback(start_epoch=1, weight_granularity="per_tensor", dirpath=str(tmp / "q3"))
+    with pytest.raises(ValueError, match=r"weight_granularity='per_channel'.*Resume with the same value"):
+        _fit(DropoutNet(), [qat], tmp, max_epochs=3, ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"))
+
+
+@pytest.mark.slow
 def test_validate_with_ckpt_path_reproduces_the_qat_metrics(checkpoints):
     tmp, record, _ = checkpoints
     model = DropoutNet()

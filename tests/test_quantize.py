@@ -150,6 +150,50 @@ def test_arm_backend(tiny_net):
     _close_to_fp32(q(x), net(x))
 
 
+def _weight_dequant_nodes(q: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The dequantize nodes whose input is a stored int8 weight (a ``get_attr``)."""
+    return [
+        n
+        for n in q.graph.nodes
+        if n.op == "call_function" and "dequantize" in str(n.target) and n.args[0].op == "get_attr"
+    ]
+
+
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_per_tensor_weights_share_one_scale(tiny_net, backend):
+    if backend == "arm":
+        pytest.importorskip("executorch")
+    net = tiny_net()
+    with torch.no_grad():
+        net.conv.weight[0] *= 30  # one outlier channel: per-tensor scales must follow it, per-channel ones must not
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    per_channel = quantize_ptq(net, calib, backend=backend, num_calibration_samples=24)
+    per_tensor = quantize_ptq(net, calib, backend=backend, num_calibration_samples=24, weight_granularity="per_tensor")
+    assert per_tensor.meta[META_KEY]["weight_granularity"] == "per_tensor"
+    for n in _weight_dequant_nodes(per_channel):
+        assert "per_channel" in str(n.target) and _attr(per_channel, n.args[1]).unique().numel() > 1
+    weights = _weight_dequant_nodes(per_tensor)
+    assert len(weights) == len(_weight_dequant_nodes(per_channel)) >= 2
+    for n in weights:
+        w_int8, scale = _attr(per_tensor, n.args[0]), _attr(per_tensor, n.args[1])
+        if backend == "x86":
+            # per-channel form (Inductor's int8 kernels need it) with one scale shared by every channel
+            assert "per_channel" in str(n.target) and scale.numel() == w_int8.shape[0]
+            assert scale.unique().numel() == 1
+        else:
+            assert "per_tensor" in str(n.target)
+    # the outlier channel sets the shared scale: symmetric int8 over the whole tensor's max |w|
+    conv = next(n for n in weights if _attr(per_tensor, n.args[0]).dim() == 4)
+    scale = float(_attr(per_tensor, conv.args[1]).flatten()[0])
+    assert scale == pytest.approx(float(net.conv.weight.detach().abs().max()) / 127.5, rel=0.01)
+    x = torch.randn(4, 3, 8, 8)
+    _close_to_fp32(per_tensor(x), net(x))
+
+
+def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node | float) -> torch.Tensor:
+    return getattr(gm, node.target) if isinstance(node, torch.fx.Node) else torch.tensor([node])
+
+
 def test_data_dependent_model_raises_capture_error():
     with pytest.raises(CaptureError, match=r"could not capture 'DataDependent' \(DataDependent\)"):
         quantize_ptq(DataDependent(), [torch.randn(4, 4)])
@@ -166,6 +210,7 @@ def test_data_dependent_model_raises_capture_error():
         ({"observer": "foo"}, ValueError, r"`observer`"),
         ({"backend": "x87"}, ValueError, r"`backend`.*Did you mean 'x86'"),
         ({"max_batch_size": 1}, ValueError, r"`max_batch_size`"),
+        ({"weight_granularity": "per_chanel"}, ValueError, r"`weight_granularity`.*Did you mean 'per_channel'"),
         ({"input_fn": 3}, TypeError, r"`input_fn` to be callable"),
     ],
     ids=[
@@ -177,6 +222,7 @@ def test_data_dependent_model_raises_capture_error():
         "observer",
         "backend",
         "max-batch-1",
+        "weight-granularity",
         "input-fn",
     ],
 )
