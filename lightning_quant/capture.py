@@ -243,7 +243,7 @@ def export(
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
     try:
         dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
+        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise CaptureError(
@@ -251,6 +251,30 @@ def export(
             f"{type(err).__name__}: {reason[:500]}. Make its forward traceable (no data-dependent Python control flow, "
             "no unsupported Python objects), or choose other submodules with `modules=[...]`."
         ) from err
+    split_module_call_sites(ep.graph)
+    return ep
+
+
+def split_module_call_sites(graph: torch.fx.Graph) -> int:
+    """Give each call of a module called more than once its own name in ``nn_module_stack``; return how many.
+
+    Non-strict ``torch.export`` records every call of one module instance (``self.relu`` applied twice, as in
+    torchvision's ResNet blocks) under the same qualified name, distinguishing calls only in the stack's keys
+    (``relu``, ``relu@1``). PT2E quantizers group nodes into partitions by that name, so both calls land in one
+    partition with two outputs, and X86InductorQuantizer's fusion annotation refuses it ("Input partition has more
+    than one output node", pytorch/ao#4478). Copying the call index from the key into the name keeps the calls apart.
+    """
+    renamed = 0
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for key, (fqn, cls) in list(stack.items()):
+            call = key.rpartition("@")[2] if "@" in key else ""
+            if call.isdigit() and not fqn.endswith(f"@{call}"):
+                stack[key] = (f"{fqn}@{call}", cls)
+                renamed += 1
+    return renamed
 
 
 def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:

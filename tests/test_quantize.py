@@ -255,3 +255,44 @@ def test_batches_larger_than_max_batch_size_are_refused_at_capture():
     net = torch.nn.Sequential(torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"`max_batch_size` \(8\) to be at least the batch size .* \(16\)"):
         quantize_ptq(net, [torch.randn(16, 4)], max_batch_size=8)
+
+
+class ReusedReLUBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ``nn.ReLU`` called after each conv and after the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+        return self.fc(out.flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_a_module_called_twice_is_quantized_at_each_call(backend):
+    if backend == "arm":
+        pytest.importorskip("executorch")
+    torch.manual_seed(0)
+    net = ReusedReLUBlock().eval()
+    calib = [torch.randn(8, 4, 8, 8) for _ in range(3)]
+    q = quantize_ptq(net, calib, backend=backend, num_calibration_samples=24)  # x86 raised "more than one output"
+    assert len(_weight_dequant_nodes(q)) == 3  # both convs and the linear are int8
+    x = torch.randn(4, 4, 8, 8)
+    _close_to_fp32(q(x), net(x))
+
+
+def test_split_module_call_sites_names_each_call():
+    from lightning_quant.capture import split_module_call_sites
+
+    ep = torch.export.export(ReusedReLUBlock().eval(), (torch.randn(2, 4, 8, 8),))
+    relus = [n for n in ep.graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    names = [list(n.meta["nn_module_stack"].values())[-1][0] for n in relus]
+    assert len(set(names)) == 1  # torch.export gives both calls the same name
+    assert split_module_call_sites(ep.graph) == 1
+    assert split_module_call_sites(ep.graph) == 0  # idempotent
+    names = [list(n.meta["nn_module_stack"].values())[-1][0] for n in relus]
+    assert names == ["relu", "relu@1"]
