@@ -1,0 +1,65 @@
+"""Smoke test of ``benchmarks/speed.py --quick``: every route and figure is there, finite and positive."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ("onnxruntime", "onnx", "executorch", "matplotlib")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in PEERS), reason=f"needs the bench extra ({', '.join(PEERS)})"
+)
+def test_speed_quick(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "speed.json").read_text())
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    assert results["machine"]["cpu"]
+    assert results["settings"]["threads"] == [1, 2]
+    for name, net in results["nets"].items():
+        assert net["errors"] == {}, (name, net["errors"])
+        assert _positive(net["fp32_weight_bytes"])
+        for threads in ("1", "2"):
+            for batch in map(str, results["settings"]["batches"]):
+                lat = net["latency_ms"][threads][batch]
+                assert set(lat) == set(speed.ROUTES), (name, threads, batch, lat)
+                assert all(_positive(v) for v in lat.values()), lat
+        assert set(net["artifacts"]) == set(speed.ARTIFACTS)
+        for route, a in net["artifacts"].items():
+            assert _positive(a["size_bytes"]) and _positive(a["size_ratio"]) and _positive(a["load_ms"]), (route, a)
+        assert net["artifacts"]["arm_int8"]["undelegated_ops"] == []
+        assert isinstance(net["artifacts"]["et_fp32"]["undelegated_ops"], list)
+        anatomy = net["batch1_anatomy"]
+        for key in ("qconv_call_us", "fixed_cost_ms", "artifact_ms", "runtime_ms"):
+            assert _positive(anatomy[key]), (key, anatomy)
+    for q in results["qat_step"].values():
+        assert _positive(q["fp32_step_ms"]) and _positive(q["qat_step_ms"]) and _positive(q["ratio"])
+    points = results["ptq_time"]["points"]
+    assert len(points) == len(results["settings"]["ptq_sizes"]) and all(_positive(p["seconds"]) for p in points)
+    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    md = (tmp_path / "speed.md").read_text()
+    assert md == speed.render_markdown(results)
+    assert all(label in md for label in speed.ROUTES.values())
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
