@@ -118,12 +118,49 @@ def _shared_range_observers() -> dict[str, type]:
     return {cls.__name__: cls for cls in classes}
 
 
+@functools.cache
+def _fast_fake_quantize_class() -> type:
+    """``FusedMovingAvgObsFakeQuantize`` running :func:`lightning_quant._fast_qat.fused_moving_avg_fake_quant`.
+
+    Same buffers, state dict and results as torchao's class; only the forward's kernels differ.
+    """
+    from lightning_quant import _fast_qat
+
+    base = _pt2e().fake_quantize.FusedMovingAvgObsFakeQuantize
+
+    def forward(self: Any, X: torch.Tensor) -> torch.Tensor:
+        out = _fast_qat.fused_moving_avg_fake_quant(self, X)
+        return base.forward(self, X) if out is None else out
+
+    name = "FastFusedMovingAvgObsFakeQuantize"
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def use_fast_fake_quantize(gm: nn.Module, fast: bool) -> int:
+    """Switch torchao's ``FusedMovingAvgObsFakeQuantize`` modules in ``gm`` to the fast class (or back), in place.
+
+    Only the class changes (buffers, their identity and the state dict stay), so optimizers, checkpoints and the
+    observer switches are unaffected. Returns the number of modules switched.
+    """
+    fast_cls = _fast_fake_quantize_class()
+    base = fast_cls.__base__
+    old, new = (base, fast_cls) if fast else (fast_cls, base)
+    n = 0
+    for m in gm.modules():
+        if type(m) is old:
+            m.__class__ = new
+            n += 1
+    return n
+
+
 def __getattr__(name: str) -> Any:
-    # Lets pickle and ``copy`` find the lazily built observer classes by name.
+    # Lets pickle and ``copy`` find the lazily built observer and fake-quantize classes by name.
     if name.startswith("SharedRange"):
         classes = _shared_range_observers()
         if name in classes:
             return classes[name]
+    if name == "FastFusedMovingAvgObsFakeQuantize":
+        return _fast_fake_quantize_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

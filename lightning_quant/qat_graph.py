@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
-from lightning_quant import _torchao
+from lightning_quant import _fast_qat, _torchao
 from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export
 from lightning_quant.config import QuantConfig
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
@@ -169,6 +169,7 @@ class QATGraph(nn.Module):
                 f"({type(module).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
             )
         restore_bn_literals(gm, module)
+        _fast_qat.install(gm)  # same numerics, faster kernels; convert() undoes it on its copy
         self._modules.pop("source", None)
         self._keep_example(*self.example_inputs)
         self.gm = gm
@@ -244,6 +245,7 @@ class QATGraph(nn.Module):
         if self.gm is None:
             raise RuntimeError(f"QAT never ran on {self.name!r}: it was not called after the swap.")
         gm = copy.deepcopy(self.gm).cpu()
+        _fast_qat.uninstall(gm)  # convert_pt2e pattern-matches torchao's own QAT graph
         set_graph_training(gm, False)
         q = strip_unused_attrs(_torchao.convert(gm))
         args, kwargs = self.example_inputs

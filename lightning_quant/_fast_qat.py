@@ -1,0 +1,169 @@
+"""Faster stand-ins for the two hot spots of a ``prepare_qat_pt2e`` training graph, with the same numerics (pure torch).
+
+* ``FusedMovingAvgObsFakeQuantize``: ATen's fused op fake-quantizes in a scalar (non-vectorized) loop. Here the
+  observer update and the choice of scale/zero point still run in that ATen op, but on a two-value summary of the
+  input (its min and max; per row for per-channel weights), so running min/max, scale and zero point are
+  bit-identical. The fake quantization itself runs as vectorized tensor ops doing the same float32 arithmetic
+  (``x * (1/scale)``, round half to even, ``+ zero_point``, clamp, ``- zero_point``, ``* scale``), and the backward is
+  ATen's: the gradient times the in-range mask (straight-through inside ``[quant_min, quant_max]``, zero outside).
+  Only non-finite inputs can differ: ATen maps NaN to ``quant_min`` (here it stays NaN; its gradient is zero in both),
+  and its per-channel kernel casts ``±inf`` to int64 before clamping (undefined; ``quant_min`` on x86), where here
+  ``±inf`` clamps to ``quant_max``/``quant_min`` as in ATen's per-tensor kernel.
+* The Conv+BN QAT pattern divides the conv output by the per-channel BN scale; autograd's ``DivBackward`` recomputes
+  the quotient and negates a full-size tensor. :class:`_DivByScale` reuses the forward output and negates after the
+  reduction: the same float operations on the same values, two full-size passes fewer.
+
+:func:`install` applies both to a prepared graph, :func:`uninstall` restores torchao's originals (``convert_pt2e``
+pattern-matches the QAT graph, so :meth:`QATGraph.convert` converts a restored copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_quant import _torchao
+
+aten = torch.ops.aten
+_CONV = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+_RESHAPE = (aten.reshape.default, aten.view.default)
+
+
+# ------------------------------------------------------------------------------------------------------ fake quant
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Affine fake quantization with ``scale``/``zero_point`` already shaped to broadcast against ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+        zp = zero_point.to(x.dtype)
+        q = torch.mul(x, torch.reciprocal(scale))  # ATen: x * (1.0f / scale)
+        q.round_()  # nearbyint: half to even
+        q.add_(zp)  # an integer in float32: exact
+        clamped = torch.clamp(q, qmin, qmax)
+        # In range (NaN: False, as ATen's mask). On CPU a 0/1 float32 mask, written over q: bool outputs and
+        # float*bool products take scalar loops there, and grad * 1.0 / grad * 0.0 is exactly ATen's grad * mask.
+        mask = q.eq_(clamped) if q.device.type == "cpu" else torch.eq(clamped, q)
+        ctx.save_for_backward(mask)
+        if zero_point.device.type != "cpu" or bool(zero_point.any()):
+            clamped.sub_(zp)  # c - 0 == c bit for bit: skipped for zero points of 0 (ReLU outputs, symmetric weights)
+        return clamped.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None  # ATen's fake_quantize_*_cachemask_backward
+
+
+def fused_moving_avg_fake_quant(fq: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``FusedMovingAvgObsFakeQuantize.forward`` with identical results, or ``None`` for cases left to torchao.
+
+    Those are: fake quantization switched off, non-float32 or empty inputs, per-channel along another axis than 0.
+    """
+    if x.dtype != torch.float32 or x.numel() == 0 or not fq.fake_quant_enabled.item():
+        return None
+    obs = fq.activation_post_process
+    per_channel = bool(fq.is_per_channel)
+    if per_channel and fq.ch_axis != 0:
+        return None
+    observe = bool(fq.observer_enabled.item())
+    with torch.no_grad():
+        if per_channel:
+            if observe:
+                stats = torch.stack(torch.aminmax(x.reshape(x.shape[0], -1), dim=1), dim=1)
+            else:
+                stats = x.new_zeros(x.shape[0], 2)
+        else:
+            stats = torch.stack(torch.aminmax(x)) if observe else x.new_zeros(2)
+        # Updates min_val/max_val (when observing), scale and zero_point in place, exactly as on the full input:
+        # the moving average only reads the (per-row) min and max, which ``stats`` has.
+        torch.fused_moving_avg_obs_fake_quant(
+            stats,
+            fq.observer_enabled,
+            fq.fake_quant_enabled,
+            obs.min_val,
+            obs.max_val,
+            fq.scale,
+            fq.zero_point,
+            obs.averaging_constant,
+            obs.quant_min,
+            obs.quant_max,
+            fq.ch_axis,
+            per_channel,
+            fq.is_symmetric_quant,
+        )
+    scale, zero_point = fq.scale, fq.zero_point
+    if per_channel:
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    return _FakeQuantSTE.apply(x, scale, zero_point, obs.quant_min, obs.quant_max)
+
+
+# ----------------------------------------------------------------------------------------------------- conv + bn
+
+
+class _DivByScale(torch.autograd.Function):
+    """``a / b`` with autograd's ``DivBackward0`` arithmetic, reusing the quotient from the forward.
+
+    ``DivBackward0``: ``grad_a = grad / b`` and ``grad_b = sum_to(-grad * ((a / b) / b))``. Here ``a / b`` is the
+    saved output (the same bits), and the sign is applied after the reduction (negation is exact and rounding is
+    symmetric, so ``-sum(v) == sum(-v)`` bit for bit).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.div(a, b)
+        ctx.save_for_backward(out, b)
+        ctx.a_shape = a.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        out, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.div(grad, b).sum_to_size(ctx.a_shape)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.mul(grad, torch.div(out, b)).sum_to_size(b.shape).neg()
+        return grad_a, grad_b
+
+
+def div_by_scale(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Graph target standing in for ``aten.div.Tensor`` in the Conv+BN QAT pattern."""
+    return _DivByScale.apply(a, b)
+
+
+def _is_conv_bn_div(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target != aten.div.Tensor or len(node.args) != 2 or node.kwargs:
+        return False
+    a, b = node.args
+    return isinstance(a, torch.fx.Node) and a.target in _CONV and isinstance(b, torch.fx.Node) and b.target in _RESHAPE
+
+
+# --------------------------------------------------------------------------------------------------- the passes
+
+
+def install(gm: torch.fx.GraphModule) -> int:
+    """Use the fast stand-ins in a prepared QAT graph; returns how many nodes and modules were switched."""
+    n = 0
+    for node in gm.graph.nodes:
+        if _is_conv_bn_div(node):
+            node.target = div_by_scale
+            n += 1
+    if n:
+        gm.recompile()
+    return n + _torchao.use_fast_fake_quantize(gm, True)
+
+
+def uninstall(gm: torch.fx.GraphModule) -> int:
+    """Restore torchao's graph (``aten.div`` nodes, its FakeQuantize classes); returns how many were switched back."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is div_by_scale:
+            node.target = aten.div.Tensor
+            n += 1
+    if n:
+        gm.recompile()
+    return n + _torchao.use_fast_fake_quantize(gm, False)

@@ -1,0 +1,183 @@
+"""The fast QAT stand-ins give torchao's results bit for bit: fake quant, observers, Conv+BN division, convert."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from helpers import ConvBNReLULinear
+from test_ptq import needs_executorch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_quant import _fast_qat, _torchao
+from lightning_quant.config import QuantConfig
+from lightning_quant.demo import SmallCNN
+from lightning_quant.qat_graph import QATGraph
+
+
+def _fused_fake_quant(kind: str) -> nn.Module:
+    pt2e = _torchao._pt2e()
+    obs, fq = pt2e.observer, pt2e.fake_quantize.FusedMovingAvgObsFakeQuantize
+    if kind == "uint8":  # x86 activations
+        return fq(observer=obs.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.uint8)
+    if kind == "int8":  # XNNPACK activations
+        return fq(observer=obs.MovingAverageMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.int8)
+    return fq(  # per-channel symmetric weights
+        observer=obs.MovingAveragePerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.int8,
+        qscheme=torch.per_channel_symmetric,
+    )
+
+
+def _inputs(kind: str, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    shape = {"uint8": (8, 4, 6, 6), "int8": (16, 40), "per_channel": (6, 3, 3, 3)}[kind]
+    x = torch.randn(shape, generator=g) * (1 + 3 * step)  # the range grows: later steps fall outside the averages
+    x.view(-1)[:2] = torch.tensor([0.5, -0.0])
+    if step >= 6:  # observers frozen by then: far outside the range, infinities (per tensor; see _fast_qat)
+        far = [1e6, -1e6] if kind == "per_channel" else [1e6, -1e6, float("inf"), -float("inf")]
+        x.view(-1)[2 : 2 + len(far)] = torch.tensor(far)
+    if kind == "uint8" and step % 2:
+        x = x.relu()
+    return x
+
+
+@pytest.mark.parametrize("kind", ["uint8", "int8", "per_channel"])
+def test_fake_quant_matches_torchao_over_steps(kind):
+    ref = _fused_fake_quant(kind)
+    fast = copy.deepcopy(ref)
+    assert _torchao.use_fast_fake_quantize(fast, True) == 1
+    for step in range(8):
+        if step == 6:  # frozen observers: qparams stay, fake quant goes on
+            ref.apply(_torchao.disable_observer)
+            fast.apply(_torchao.disable_observer)
+        x = _inputs(kind, step)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yf = ref(xr), fast(xf)
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + step))
+        yr.backward(grad)
+        yf.backward(grad)
+        assert torch.equal(yr, yf), step
+        assert torch.equal(xr.grad, xf.grad), step
+        assert (xf.grad[yf.isfinite()] == 0).any() or step < 2  # the straight-through mask cuts out-of-range values
+        for (name, a), (_, b) in zip(ref.state_dict().items(), fast.state_dict().items()):
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, name)
+
+
+def test_straight_through_gradient_is_the_in_range_mask():
+    fq = _fused_fake_quant("uint8")
+    _torchao.use_fast_fake_quantize(fq, True)
+    fq(torch.tensor([0.0, 2.55]))  # scale 0.01, zero point 0 from then on
+    fq.apply(_torchao.disable_observer)
+    x = torch.tensor([-1.0, -0.004, -0.006, 0.0, 1.234, 2.554, 2.556, 9.0], requires_grad=True)
+    y = fq(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.23, 2.55, 2.55, 2.55]))
+    assert x.grad.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_fake_quant_falls_back_to_torchao_when_it_cannot_help():
+    fq = _fused_fake_quant("uint8")
+    _torchao.use_fast_fake_quantize(fq, True)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert _fast_qat.fused_moving_avg_fake_quant(fq, x) is None  # not float32
+    fq.fake_quant_enabled[0] = 0
+    assert _fast_qat.fused_moving_avg_fake_quant(fq, x.float()) is None
+    assert torch.equal(fq(x.float()), x.float())
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((4, 3, 5, 5), (1, 3, 1, 1)), ((2, 6, 7), (6, 1)), ((3, 4), (3, 4))])
+def test_div_by_scale_matches_autograd_div(a_shape, b_shape):
+    a = torch.randn(a_shape, requires_grad=True)
+    b = (torch.rand(b_shape) + 0.3).requires_grad_()
+    grad = torch.randn(torch.broadcast_shapes(a_shape, b_shape))
+    expected = torch.div(a, b)
+    got = _fast_qat.div_by_scale(a, b)
+    ga, gb = torch.autograd.grad(expected, (a, b), grad)
+    fa, fb = torch.autograd.grad(got, (a, b), grad)
+    assert torch.equal(got, expected)
+    assert torch.equal(fa, ga) and torch.equal(fb, gb)
+
+
+def _qat_pair(model_cls: type, backend: str, granularity: str, x: torch.Tensor) -> tuple[QATGraph, QATGraph]:
+    graphs = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        g = QATGraph(model_cls().train(), "model", QuantConfig(backend=backend, weight_granularity=granularity))
+        g.train().capture((x,), {})
+        if not fast:
+            _fast_qat.uninstall(g.gm)
+        graphs.append(g)
+    return graphs[0], graphs[1]
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "backend", "granularity"),
+    [
+        (SmallCNN, "x86", "per_channel"),
+        pytest.param(ConvBNReLULinear, "x86", "per_tensor", marks=pytest.mark.slow),  # conv bias; FakeQuantize weights
+        pytest.param(ConvBNReLULinear, "arm", "per_channel", marks=[pytest.mark.slow, needs_executorch]),
+        pytest.param(SmallCNN, "arm", "per_tensor", marks=[pytest.mark.slow, needs_executorch]),
+    ],
+)
+def test_training_and_convert_identical_to_torchao(model_cls, backend, granularity):
+    x = torch.randn(8, 1, 28, 28)
+    ref, fast = _qat_pair(model_cls, backend, granularity, x)
+    assert "div_by_scale" in fast.gm.code and "div_by_scale" not in ref.gm.code
+    opts = [torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9) for g in (ref, fast)]
+    for step in range(7):
+        if step == 4:
+            ref.freeze_observers()
+            fast.freeze_observers()
+        if step == 5:
+            ref.freeze_bn()
+            fast.freeze_bn()
+        x, y = torch.randn(8, 1, 28, 28) * (1 + step), torch.randint(0, 10, (8,))
+        outs, grads = [], []
+        for g, opt in zip((ref, fast), opts):
+            opt.zero_grad()
+            out = g(x)
+            F.cross_entropy(out, y).backward()
+            outs.append(out)
+            grads.append([p.grad.clone() for p in g.parameters()])
+            opt.step()
+        assert torch.equal(outs[0], outs[1]), step
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), step
+    ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
+    assert list(ref_sd) == list(fast_sd)
+    for k, v in ref_sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, fast_sd[k]), k
+
+    q_ref, q_fast = ref.convert(), fast.convert()
+    assert q_ref.code == q_fast.code
+    ref_int8, fast_int8 = q_ref.state_dict(), q_fast.state_dict()
+    assert list(ref_int8) == list(fast_int8) and any(v.dtype == torch.int8 for v in ref_int8.values())
+    assert all(torch.equal(v, fast_int8[k]) for k, v in ref_int8.items())
+    assert "div_by_scale" in fast.gm.code  # convert() restored torchao's graph on its copy only
+
+
+def test_install_uninstall_round_trip_and_pickling():
+    x = torch.randn(4, 1, 28, 28)
+    ref, fast = _qat_pair(SmallCNN, "x86", "per_channel", x)
+    fast_types = {type(m).__name__ for m in fast.gm.modules()}
+    assert "FastFusedMovingAvgObsFakeQuantize" in fast_types
+    assert "FastFusedMovingAvgObsFakeQuantize" not in {type(m).__name__ for m in ref.gm.modules()}
+
+    fq = fast.gm.activation_post_process_0
+    buf = io.BytesIO()
+    torch.save(fq, buf)  # the class is found again by name
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(fq) and torch.equal(loaded(x), fq(x))
+
+    copied = copy.deepcopy(fast.gm)
+    assert _fast_qat.uninstall(copied) == 2 + 8  # two Conv+BN divisions, eight fake-quantize modules
+    assert copied.code == ref.gm.code
+    assert _fast_qat.uninstall(copied) == 0
+    assert _fast_qat.install(copied) == 10
