@@ -197,15 +197,72 @@ def get_quantizer(backend: str, *, is_qat: bool = False, observer: str | None = 
         require_executorch(backend)
         _pt2e()
         with _quiet_import():
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer,
-                get_symmetric_quantization_config,
-            )
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
         qconfig = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat)
         if observer and not is_qat:
             qconfig = _with_activation_observer(qconfig, observer)
-        return XNNPACKQuantizer().set_global(qconfig)
+        return _xnnpack_quantizer_class()().set_global(qconfig)
     raise ValueError(f"Expected argument `backend` to be one of {list(BACKENDS)}, but got {backend!r}.")
+
+
+#: ops whose output a following ReLU6/hardtanh can be fused into, as in XNNPACK (conv and batch norm: the conv-bn pair
+#: of a QAT graph, whose output XNNPACKQuantizer annotates on the batch norm)
+_CLAMP_PRODUCERS = {
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.linear.default,
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten.add.Tensor,
+}
+_CLAMPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+
+
+def fuse_clamp_annotations(gm: torch.fx.GraphModule) -> int:
+    """Quantize conv/linear/add + ReLU6 (hardtanh) at the clamp's output only, as ReLU already is.
+
+    XNNPACKQuantizer (executorch 1.5) fuses only ReLU into a conv, linear or add; a hardtanh gets its own annotation
+    sharing its input's qparams, so the int8 scale of ``relu6(conv(x))`` is fitted to the *unclamped* conv output. In
+    EfficientNet-Lite0's stem that is a [-106, 119] range, i.e. 7 int8 levels in [0, 6]: every rounding difference
+    between XNNPACK's kernels and the reference then moves an activation by 1/7 of its range, and the ``.pte`` drifts
+    far from the in-process int8 model (and from fp32). Moving the producer's output spec to the clamp gives a [0, 6]
+    scale; XNNPACK lowering fuses the clamp into the conv (its output min/max), so the ``.pte`` computes the same thing.
+    Returns the number of clamps rewritten.
+    """
+    pt2e = _pt2e()
+    annotation_cls = pt2e.quantizer.QuantizationAnnotation
+    shared_cls = pt2e.quantizer.SharedQuantizationSpec
+    key = "quantization_annotation"
+    fused = 0
+    for act in gm.graph.nodes:
+        if act.op != "call_function" or act.target not in _CLAMPS or not act.args:
+            continue
+        producer = act.args[0]
+        if not isinstance(producer, torch.fx.Node) or producer.target not in _CLAMP_PRODUCERS:
+            continue
+        produced, clamp = producer.meta.get(key), act.meta.get(key)
+        spec = getattr(produced, "output_qspec", None)
+        if len(producer.users) != 1 or spec is None or isinstance(spec, shared_cls) or clamp is None:
+            continue
+        producer.meta[key] = dataclasses.replace(produced, output_qspec=None)
+        act.meta[key] = annotation_cls(input_qspec_map={}, output_qspec=spec, _annotated=True)
+        fused += 1
+    return fused
+
+
+@functools.cache
+def _xnnpack_quantizer_class() -> type:
+    """``XNNPACKQuantizer`` that also fuses ReLU6 into conv/linear/add (see :func:`fuse_clamp_annotations`)."""
+    with _quiet_import():
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    def annotate(self: Any, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = XNNPACKQuantizer.annotate(self, model)
+        fuse_clamp_annotations(model)
+        return model
+
+    name = "ClampFusingXNNPACKQuantizer"
+    return type(name, (XNNPACKQuantizer,), {"annotate": annotate, "__module__": __name__, "__qualname__": name})
 
 
 def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:
