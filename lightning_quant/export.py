@@ -256,6 +256,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         "max_batch_size": info["max_batch_size"],
         "num_calibration_samples": info.get("num_calibration_samples"),
         "observer": info.get("observer"),
+        "weight_granularity": info.get("weight_granularity", "per_channel"),
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -161,6 +161,7 @@ def test_sidecar(request, backend):
     assert on_disk["inputs"] == [{"name": "args[0]", "shape": [None, 1, 28, 28], "dtype": "float32"}]
     assert on_disk["max_batch_size"] == MAX_BATCH
     assert on_disk["num_calibration_samples"] == 64
+    assert (on_disk["observer"], on_disk["weight_granularity"]) == ("histogram", "per_channel")
     assert on_disk["run"] == "test_export"  # user metadata is merged in
     versions = on_disk["versions"]
     assert versions["torch"] == torch.__version__
