@@ -14,13 +14,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_quant import export
 from lightning_quant._loop import first_loader, has_validation_step, run_validation
-from lightning_quant.capture import SELF, get_submodule
+from lightning_quant.capture import SELF, batch_size_of, get_submodule
 from lightning_quant.config import BACKENDS
 from lightning_quant.quantize import META_KEY
 
@@ -75,6 +75,39 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return max((float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb)), default=0.0)
 
 
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+
+
+def check_other_batch(art: Any, q: nn.Module, args: tuple, kwargs: dict, name: str) -> float:
+    """Run the reloaded artifact and the in-process int8 model on a batch of 1 (the capture batch is checked already).
+
+    An artifact compiled for the capture batch only would pass a parity check at that batch and return wrong rows
+    for any other. Returns the max |diff| at batch 1 (0.0 when the capture batch is 1 or the inputs have no batch).
+
+    Raises:
+        export.ArtifactError: the artifact's outputs have other shapes than the in-process model's.
+    """
+    batch = batch_size_of((args, kwargs))
+    if batch is None or batch == 1:
+        return 0.0
+
+    def first(x: Any) -> Any:
+        return x[:1] if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch else x
+
+    args1, kwargs1 = tree_map(first, args), tree_map(first, kwargs)
+    with torch.no_grad():
+        got, want = art(*args1, **kwargs1), q(*args1, **kwargs1)
+    if _shapes(got) != _shapes(want):
+        raise export.ArtifactError(
+            f"The exported artifact for {name!r} returned outputs of shapes {_shapes(got)} for a batch of 1, but the "
+            f"int8 model returns {_shapes(want)}: it was compiled for the capture batch ({batch}) only and would give "
+            "wrong results for other batch sizes. Please report this with the model's structure; as a workaround, "
+            "always call it with batches of that size."
+        )
+    return _max_abs_diff(got, want)
+
+
 def median_ms(fn: Any, *args: Any, repeats: int = 10, **kwargs: Any) -> float:
     with torch.no_grad():
         for _ in range(2):
@@ -120,6 +153,13 @@ def finish(
         args, kwargs = q.meta[META_KEY]["example_inputs"]
         with torch.no_grad():
             diff = _max_abs_diff(art(*args, **kwargs), q(*args, **kwargs))
+        diff_one = check_other_batch(art, q, args, kwargs, name)
+        if diff_one > max(10 * diff, 1e-3):
+            rank_zero_warn(
+                f"The exported artifact for {name!r} agrees with the int8 model at the capture batch (max |diff| "
+                f"{diff:.2e}) but not at batch 1 (max |diff| {diff_one:.2e}): its results depend on the batch size."
+            )
+        diff = max(diff, diff_one)
         float_module = (fp32_reference or {}).get(name) or get_submodule(pl_module, name)
         was_training = float_module.training
         float_module.eval()

@@ -252,6 +252,7 @@ def export(
             "no unsupported Python objects), or choose other submodules with `modules=[...]`."
         ) from err
     split_module_call_sites(ep.graph)
+    relabel_layer_subclasses(ep.graph, module)
     return ep
 
 
@@ -275,6 +276,54 @@ def split_module_call_sites(graph: torch.fx.Graph) -> int:
                 stack[key] = (f"{fqn}@{call}", cls)
                 renamed += 1
     return renamed
+
+
+#: aten ops -> the torch.nn layer the PT2E quantizers expect them to come from
+_LAYER_OPS = {
+    torch.ops.aten.conv1d.default: nn.Conv1d,
+    torch.ops.aten.conv2d.default: nn.Conv2d,
+    torch.ops.aten.conv3d.default: nn.Conv3d,
+    torch.ops.aten.conv_transpose2d.input: nn.ConvTranspose2d,
+    torch.ops.aten.linear.default: nn.Linear,
+}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def relabel_layer_subclasses(graph: torch.fx.Graph, module: nn.Module) -> int:
+    """Record a conv/linear computed by a *subclass* of ``nn.Conv2d``, ``nn.Linear``... as coming from that base class.
+
+    Non-strict ``torch.export`` records each node's module by its exact class name (``nn_module_stack``), and the
+    quantizers' pattern finders (``find_sequential_partitions``: X86InductorQuantizer's QAT Conv+BN(+ReLU),
+    Conv+add...) compare that name with ``torch.nn.Conv2d``'s exactly. A layer such as EfficientNet's
+    ``Conv2dStaticSamePadding(nn.Conv2d)`` was therefore never annotated: no fake-quant, no Conv+BN folding, fp32
+    weights left in the "int8" artifact. Only a subclass instance whose forward makes exactly one such op is relabelled.
+    Returns the number of nodes relabelled.
+    """
+    classes = {_qualname(type(m)): type(m) for m in module.modules()}
+    found: dict[str, list[tuple[torch.fx.Node, type]]] = {}
+    for node in graph.nodes:
+        base = _LAYER_OPS.get(node.target) if node.op == "call_function" else None
+        stack = node.meta.get("nn_module_stack") if base is not None else None
+        if not stack:
+            continue
+        fqn, cls = list(stack.values())[-1]
+        cls = classes.get(cls) if isinstance(cls, str) else cls
+        if isinstance(cls, type) and cls is not base and issubclass(cls, base):
+            found.setdefault(fqn, []).append((node, base))
+    relabelled = 0
+    for nodes in found.values():
+        if len(nodes) != 1:
+            continue  # several convs under one layer: not a plain layer, leave it to the quantizer's functional rules
+        node, base = nodes[0]
+        stack = dict(node.meta["nn_module_stack"])
+        key = list(stack)[-1]
+        stack[key] = (stack[key][0], _qualname(base))
+        node.meta["nn_module_stack"] = stack
+        relabelled += 1
+    return relabelled
 
 
 def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:

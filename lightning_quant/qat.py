@@ -111,6 +111,7 @@ class QATCallback(QuantResults, Callback):
         self.phase = "float"  # "float" before start_epoch, "qat" from it on
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
         self.report: QuantReport | None = None
+        self._warned_eval: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------- state
 
@@ -184,6 +185,22 @@ class QATCallback(QuantResults, Callback):
                 graph.freeze_bn()
             if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
                 graph.freeze_observers()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.phase != "qat":
+            return
+        for name, graph in self.graphs(pl_module).items():
+            if not graph.training and name not in self._warned_eval:
+                self._warned_eval.add(name)
+                pl.utilities.rank_zero_warn(
+                    f"QATCallback: {name!r} is in eval mode while the Trainer trains, so its fake-quant observers "
+                    "learn nothing and BatchNorm does not update; converting it to int8 will fail. Lightning keeps the "
+                    f"mode you set on a submodule: call `.train()` on {name!r} (e.g. in `on_train_epoch_start`) or "
+                    "do not call `.eval()` on it."
+                )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -81,6 +81,17 @@ def restore_bn_literals(gm: torch.fx.GraphModule, float_module: nn.Module) -> in
     return fixed
 
 
+def count_unobserved(gm: nn.Module) -> int:
+    """The fake-quantize modules in ``gm`` whose observer has never seen a tensor (no range, so no scale)."""
+    n = 0
+    for m in gm.modules():
+        obs = getattr(m, "activation_post_process", None) if _torchao.is_fake_quantize(m) else None
+        min_val = getattr(obs, "min_val", None)
+        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or not bool(torch.isfinite(min_val).all())):
+            n += 1
+    return n
+
+
 class QATGraph(nn.Module):
     """The fake-quant stand-in for one float submodule (see the module docstring).
 
@@ -244,6 +255,15 @@ class QATGraph(nn.Module):
         """An int8 copy of the current fake-quant graph (eval semantics, on CPU); the training graph is untouched."""
         if self.gm is None:
             raise RuntimeError(f"QAT never ran on {self.name!r}: it was not called after the swap.")
+        unobserved = count_unobserved(self.gm)
+        if unobserved:
+            raise RuntimeError(
+                f"QAT on {self.name!r} ({type(self.float_module).__name__}) never observed any data: {unobserved} "
+                "fake-quantize modules have no scale yet, so it cannot be converted to int8. It ran in eval mode "
+                "while training (`.eval()` was called on it, and Lightning keeps a submodule's mode), or its "
+                f"observers were frozen before its first training batch. Keep {self.name!r} in train mode while it "
+                "trains (call `.train()` on it, e.g. in `on_train_epoch_start`), and freeze observers later."
+            )
         gm = copy.deepcopy(self.gm).cpu()
         _fast_qat.uninstall(gm)  # convert_pt2e pattern-matches torchao's own QAT graph
         set_graph_training(gm, False)

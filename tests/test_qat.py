@@ -348,3 +348,80 @@ def test_per_tensor_qat_trains_with_one_weight_scale_and_converts(backend):
 
 
 _WEIGHT_QSCHEMES = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+
+
+class _SamePadConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (as EfficientNet's ``Conv2dStaticSamePadding``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (0, 1, 0, 1))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _SamePadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = _SamePadConv(1, 8, 3, stride=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+        self.conv2 = _SamePadConv(8, 8, 3, bias=False)
+        self.bn2 = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+        self.act = nn.ReLU6()  # called twice
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs = x.size(0)
+        x = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).view(bs, -1))
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_conv_subclass_with_own_forward_is_fake_quantized_and_folded(granularity):
+    """EfficientNet-Lite0's QAT artifact kept fp32 conv weights and BN: its Conv2d subclass was never annotated."""
+    from lightning_quant.config import QuantConfig
+
+    torch.manual_seed(0)
+    graph = QATGraph(_SamePadNet(), "model", QuantConfig(backend="x86", weight_granularity=granularity)).train()
+    graph.freeze_bn()
+    x = _data(8, seed=1).tensors[0]
+    graph(x).sum().backward()
+    assert len([m for m in _fake_quants(graph) if m.qscheme in _WEIGHT_QSCHEMES]) == 3  # 2 convs + linear
+    graph.eval()
+    q = graph.convert()
+    targets = [n.target for n in q.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.batch_norm.default not in targets  # Conv+BN folded
+    assert targets.count(torch.ops.quantized_decomposed.dequantize_per_channel.default) == 3
+    assert {v.dtype for v in q.state_dict().values() if v.ndim == 4} == {torch.int8}  # no fp32 conv weight left
+    with torch.no_grad():
+        assert q(x[:3]).shape == (3, 4)
+
+
+def test_artifact_checked_at_another_batch_than_the_capture_batch():
+    """An artifact compiled for the capture batch only must not pass the post-export check."""
+    from lightning_quant._report import check_other_batch
+    from lightning_quant.export import ArtifactError
+
+    q = nn.Linear(3, 2)
+    x = torch.randn(16, 3)
+    assert check_other_batch(q, q, (x,), {}, "model") == 0.0
+
+    def static_batch(t: torch.Tensor) -> torch.Tensor:
+        return q(t.expand(16, 3))  # what the EfficientNet-Lite0 artifact did: 16 rows whatever the batch
+
+    with pytest.raises(ArtifactError, match="batch of 1"):
+        check_other_batch(static_batch, q, (x,), {}, "model")
+
+
+class _EvalStudent(_Base):
+    """The student is put in eval mode (frozen-teacher habit); Lightning keeps a submodule's mode while training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = DropoutNet().model
+        self.model.eval()
+
+
+def test_submodule_left_in_eval_mode_warns_and_fails_clearly_at_convert(tmp_path):
+    qat = QATCallback(start_epoch=0, dirpath=str(tmp_path), evaluate=False)
+    with pytest.warns(UserWarning, match="'model' is in eval mode while the Trainer trains"):
+        with pytest.raises(RuntimeError, match="QAT on 'model' .* never observed any data"):
+            _fit(_EvalStudent(), [qat], tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
