@@ -211,6 +211,8 @@ def _ptq(args: argparse.Namespace) -> int:
         num_calibration_samples=args.calibration_samples,
         calibration_data=args.calibration_data,
         observer=args.observer,
+        weight_granularity=args.weight_granularity,
+        bias_correction=args.bias_correction,
         modules=args.modules.split(",") if args.modules else None,
         dirpath=args.out,
         max_batch_size=args.max_batch_size,
@@ -280,6 +282,11 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
         ("sha256", f"{sc['sha256'][:16]}... ({'matches the file' if sha_ok else 'DOES NOT match the file'})"),
         ("inputs", f"{inputs} (N <= {sc.get('max_batch_size')})"),
         ("calibration", f"{sc.get('num_calibration_samples')} samples, observer {sc.get('observer')}"),
+        (
+            "weights",
+            f"{sc.get('weight_granularity', 'per_channel')}"
+            + (f", bias corrected in {sc['bias_corrected_layers']} layers" if sc.get("bias_corrected_layers") else ""),
+        ),
         ("versions", versions),
         ("built on", f"{sc.get('machine', {}).get('platform', '?')}, {sc.get('created', '?')}"),
     ]
@@ -416,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    from lightning_quant.config import BACKENDS, CALIBRATION_DATA, OBSERVERS
+    from lightning_quant.config import BACKENDS, CALIBRATION_DATA, OBSERVERS, WEIGHT_GRANULARITIES
 
     backends = ", ".join(f"{b.name} ({b.suffix})" for b in BACKENDS.values())
     ptq = sub.add_parser(
@@ -438,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--calibration-samples", type=int, default=1024, metavar="N", help="default 1024")
     ptq.add_argument("--calibration-data", default="train", help=f"{' or '.join(CALIBRATION_DATA)} (default train)")
     ptq.add_argument("--observer", default="histogram", help=f"{', '.join(OBSERVERS)} (default histogram)")
+    ptq.add_argument(
+        "--weight-granularity", default="per_channel", help=f"{' or '.join(WEIGHT_GRANULARITIES)} (default per_channel)"
+    )
+    ptq.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="remove the mean output shift of int8 weights, measured on the calibration data (default on)",
+    )
     ptq.add_argument("--modules", default=None, help="comma-separated submodules to quantize (default: picked)")
     ptq.add_argument("--max-batch-size", type=int, default=1024, metavar="N", help="largest batch the artifact takes")
     ptq.add_argument("--out", default="quantized", metavar="DIR", help="output folder (default ./quantized)")

@@ -151,6 +151,8 @@ class QuantConfig:
         max_batch_size: largest batch the exported artifact accepts (the batch dimension is dynamic up to it).
         weight_granularity: ``"per_channel"`` (default: one scale per output channel) or ``"per_tensor"`` (one scale
             per weight tensor, for hardware that needs it; usually less accurate on depthwise nets).
+        bias_correction: PTQ only: subtract from each conv/linear bias the mean output shift that rounding its weight
+            to int8 causes, measured on the calibration data (see :mod:`lightning_quant._bias_correction`).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -164,6 +166,7 @@ class QuantConfig:
     calibration_data: str = "train"
     max_batch_size: int = 1024
     weight_granularity: str = "per_channel"
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", resolve_backend(self.backend).name)
@@ -179,6 +182,10 @@ class QuantConfig:
             "weight_granularity",
             _expect_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
         )
+        if not isinstance(self.bias_correction, bool):
+            raise TypeError(
+                f"Expected argument `bias_correction` to be True or False, but got {self.bias_correction!r}."
+            )
         if self.max_batch_size < 2:
             raise ValueError(
                 f"Expected argument `max_batch_size` to be >= 2 (the batch dimension is exported as dynamic), "

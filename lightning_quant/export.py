@@ -257,6 +257,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         "num_calibration_samples": info.get("num_calibration_samples"),
         "observer": info.get("observer"),
         "weight_granularity": info.get("weight_granularity", "per_channel"),
+        "bias_corrected_layers": info.get("bias_corrected_layers", 0),
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -39,6 +39,8 @@ class PTQCallback(QuantResults, Callback):
             Conv/Linear layers (``"model"``, or ``"backbone"`` and ``"head"``).
         dirpath: where artifacts go (default ``<trainer.log_dir>/quantized``).
         max_batch_size: largest batch the artifact accepts (the batch dimension is dynamic up to it).
+        bias_correction: subtract from each conv/linear bias the mean output shift that rounding its weight to int8
+            causes, measured on the calibration data (default on; ``False`` gives plain round-to-nearest weights).
         evaluate: run ``validation_step`` with the int8 artifact and log ``<metric><metric_suffix>``.
         metric_suffix: appended to your metric names for the int8 results.
 
@@ -65,6 +67,7 @@ class PTQCallback(QuantResults, Callback):
         modules: str | list[str] | None = None,
         dirpath: str | None = None,
         max_batch_size: int = 1024,
+        bias_correction: bool = True,
         evaluate: bool = True,
         metric_suffix: str = "_int8",
     ) -> None:
@@ -76,6 +79,7 @@ class PTQCallback(QuantResults, Callback):
             calibration_data=calibration_data,
             max_batch_size=max_batch_size,
             weight_granularity=weight_granularity,
+            bias_correction=bias_correction,
         )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)

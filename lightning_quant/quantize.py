@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant import _torchao
+from lightning_quant import _bias_correction, _torchao
 from lightning_quant.capture import ROUTE_ATTR, CallNormalizer, batch_size_of, detach_inputs, export
 from lightning_quant.config import QuantConfig
 
@@ -154,6 +154,8 @@ class CalibrationGraph(nn.Module):
                     f"The {self.config.backend!r} quantizer found nothing to quantize in {self.name!r} "
                     f"({type(self._snapshot[0]).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
                 )
+            if self.config.bias_correction:
+                _bias_correction.attach(self.prepared)
         self.num_samples += batch_size_of((args, kwargs)) or 1
         self.num_batches += 1
         args, kwargs = self._normalize(args, kwargs)
@@ -166,7 +168,9 @@ class CalibrationGraph(nn.Module):
                 f"Submodule {self.name!r} was never called during calibration, so it cannot be quantized. Check that "
                 "your `validation_step` (or forward) calls it, or choose other submodules with `modules=`."
             )
-        q = strip_unused_attrs(_torchao.convert(copy.deepcopy(self.prepared)))
+        prepared = copy.deepcopy(self.prepared)
+        corrected = _bias_correction.apply(prepared, correct=self.config.bias_correction)
+        q = strip_unused_attrs(_torchao.convert(prepared))
         q.meta[META_KEY] = {
             "name": self.name,
             "backend": self.config.backend,
@@ -175,6 +179,7 @@ class CalibrationGraph(nn.Module):
             "num_calibration_samples": self.num_samples,
             "observer": self.config.observer,
             "weight_granularity": self.config.weight_granularity,
+            "bias_corrected_layers": corrected,
         }
         return q
 
@@ -188,6 +193,7 @@ def quantize_ptq(
     observer: str = "histogram",
     weight_granularity: str = "per_channel",
     max_batch_size: int = 1024,
+    bias_correction: bool = True,
     input_fn: Callable[[Any], Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Post-training int8 quantization of ``model`` in a plain PyTorch program (no Trainer needed).
@@ -204,6 +210,8 @@ def quantize_ptq(
         observer: ``"histogram"``, ``"minmax"`` or ``"moving_average"``.
         weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales.
         max_batch_size: largest batch the exported artifact will accept.
+        bias_correction: subtract from each conv/linear bias the mean output shift that rounding its weight to int8
+            causes on the calibration data.
         input_fn: maps a dataloader item to model inputs, e.g. ``lambda batch: batch[0]`` for ``(x, y)`` batches.
 
     Raises:
@@ -226,6 +234,7 @@ def quantize_ptq(
         num_calibration_samples=num_calibration_samples,
         max_batch_size=max_batch_size,
         weight_granularity=weight_granularity,
+        bias_correction=bias_correction,
     )
     if isinstance(calibration_data, torch.Tensor):
         raise TypeError(

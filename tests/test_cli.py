@@ -93,6 +93,10 @@ def dummy_ckpt(tmp_path: Path) -> str:
             "Expected argument `observer`",
         ),
         (
+            ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--weight-granularity", "per_chanel"],
+            "Expected argument `weight_granularity`",
+        ),
+        (
             ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "{ckpt}", "--datamodule-args", "{bad"],
             "--datamodule-args is not valid JSON",
         ),
@@ -143,7 +147,9 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
 
 
 def test_inspect_prints_the_sidecar_readably(tmp_path, capsys):
-    path = _fake_artifact(tmp_path, undelegated_ops=["aten.view_copy.default"])
+    path = _fake_artifact(
+        tmp_path, undelegated_ops=["aten.view_copy.default"], weight_granularity="per_tensor", bias_corrected_layers=3
+    )
     assert main(["inspect", str(path)]) == 0
     out = " ".join(capsys.readouterr().out.split())  # column widths vary
     for expected in (
@@ -152,6 +158,7 @@ def test_inspect_prints_the_sidecar_readably(tmp_path, capsys):
         "(matches the file)",
         "args[0]: float32[N, 1, 8, 8] (N <= 64)",
         "128 samples, observer histogram",
+        "weights per_tensor, bias corrected in 3 layers",
         "torch 2.13.0",
         "fp32 2.000 ms, int8 0.500 ms (4.00x)",
         "aten.view_copy.default",
@@ -209,6 +216,7 @@ def ptq_artifact(float_ckpt, tmp_path_factory) -> Path:
 def test_ptq_command_quantizes_a_checkpoint(ptq_artifact, capsys):
     sidecar = json.loads(Path(str(ptq_artifact) + ".json").read_text())
     assert (sidecar["method"], sidecar["backend"], sidecar["num_calibration_samples"]) == ("PTQ", "x86", 128)
+    assert sidecar["bias_corrected_layers"] > 0  # on by default
     assert set(sidecar["metrics"]["int8"]) == {"val_acc", "val_loss"}
     assert abs(sidecar["metrics"]["int8"]["val_acc"] - sidecar["metrics"]["fp32"]["val_acc"]) < 0.1
 
@@ -238,3 +246,13 @@ def test_bench_against_the_float_model(ptq_artifact, float_ckpt, capsys):
     assert "int8 artifact" in out and "fp32 model" not in out
     assert main([*argv[:2], "--batch", "65536"]) == 2
     assert "exceeds the artifact's max_batch_size 1024" in _one_error_line(capsys.readouterr().err)
+
+
+def test_ptq_quantization_options_parse():
+    from lightning_quant.cli import build_parser
+
+    base = ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "x.ckpt"]
+    args = build_parser().parse_args(base)
+    assert (args.weight_granularity, args.bias_correction) == ("per_channel", True)
+    args = build_parser().parse_args([*base, "--weight-granularity", "per_tensor", "--no-bias-correction"])
+    assert (args.weight_granularity, args.bias_correction) == ("per_tensor", False)

@@ -86,6 +86,7 @@ def test_cli_ptq_overlay_takes_every_argument_from_the_command_line(tmp_path):
         f"--trainer.callbacks.init_args.dirpath={tmp_path / 'int8'}",
         "--trainer.callbacks.init_args.max_batch_size=300",  # >= the val loader's batch of 256
         "--trainer.callbacks.init_args.metric_suffix=_q",
+        "--trainer.callbacks.init_args.bias_correction=false",
     ]
     out = _run([*CLI, "--config", str(EXAMPLES / "cli" / "ptq.yaml"), *_quick(tmp_path), *overrides])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -93,6 +94,7 @@ def test_cli_ptq_overlay_takes_every_argument_from_the_command_line(tmp_path):
     assert sidecar["method"] == "PTQ"
     assert sidecar["backend"] == ARM_OR_X86
     assert sidecar["observer"] == "minmax"
+    assert sidecar["bias_corrected_layers"] == 0
     assert sidecar["num_calibration_samples"] == 256  # whole batches: one val batch of 256 covers 128
     assert sidecar["max_batch_size"] == 300
     assert sidecar["inputs"][0]["shape"] == [None, 1, 8, 8]  # digits
