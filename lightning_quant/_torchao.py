@@ -316,7 +316,9 @@ def lower_to_executorch(ep: torch.export.ExportedProgram) -> tuple[bytes, list[s
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    edge = to_edge_transform_and_lower(
+        ep, transform_passes=[infer_symbolic_view_dim], partitioner=[XnnpackPartitioner()]
+    )
     _restore_dim_ranges(edge, ep)
     names = (
         getattr(n.target, "__name__", str(n.target))
@@ -325,6 +327,30 @@ def lower_to_executorch(ep: torch.export.ExportedProgram) -> tuple[bytes, list[s
     )
     undelegated = sorted({n for n in names if n not in ("executorch_call_delegate", "getitem", "sym_size.int")})
     return edge.to_executorch().buffer, undelegated
+
+
+def infer_symbolic_view_dim(gm: torch.fx.GraphModule) -> Any:
+    """Write a view's one symbolic size (the dynamic batch of a ``Flatten``: ``view_copy(x, [s0, 1280])``) as ``-1``.
+
+    XNNPACK's partitioner refuses a reshape whose target shape holds a symbolic size, but takes one inferred (``-1``)
+    size; with every other size a constant, ``-1`` is the same shape. Without this the ``view_copy`` of every
+    ``Flatten`` with a dynamic batch stayed outside the delegate, on ExecuTorch's portable kernels.
+    """
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "view_copy" not in str(node.target) or len(node.args) < 2:
+            continue
+        shape = list(node.args[1])
+        symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+        if len(symbolic) == 1 and -1 not in shape:
+            shape[symbolic[0]] = -1
+            node.update_arg(1, shape)
+            changed = True
+    if changed:
+        gm.recompile()
+    return PassResult(gm, changed)
 
 
 def _restore_dim_ranges(edge: Any, ep: torch.export.ExportedProgram) -> None:
