@@ -71,6 +71,10 @@ def test_quick_run_writes_results(tmp_path):
     assert all(e["qat"] for e in results["fashion_mnist"]["nets"].values()) and en["qat"]
     assert results["fashion_mnist"]["test_images"] == 1000
     assert en["images"]["labelled"] >= 1 and en["images"]["evaluation"] > en["images"]["base"]
+    assert {r["bias_correction"] for r in en["ptq"]} == {True, False}  # the default, and without it for comparison
+    assert all(r["bias_corrected_layers"] > 0 for r in en["ptq"] if r["bias_correction"])
+    floor = en["fp32"]["noise_floor"]["agreement"]
+    assert len(floor) == 3 and all(0.0 <= a <= 1.0 for a in floor)
 
     # figures present and in [0, 1]; the int8 artifacts are not broken (far above chance where fp32 is)
     figures = _figures(results)
