@@ -333,7 +333,8 @@ def infer_symbolic_view_dim(gm: torch.fx.GraphModule) -> Any:
     """Write a view's one symbolic size (the dynamic batch of a ``Flatten``: ``view_copy(x, [s0, 1280])``) as ``-1``.
 
     XNNPACK's partitioner refuses a reshape whose target shape holds a symbolic size, but takes one inferred (``-1``)
-    size; with every other size a constant, ``-1`` is the same shape. Without this the ``view_copy`` of every
+    size; with every other output size a constant (taken from the node's output shape, so ``x.view(x.size(0), -1)``
+    works too), ``-1`` is the same shape. Without this the ``view_copy`` of every
     ``Flatten`` with a dynamic batch stayed outside the delegate, on ExecuTorch's portable kernels.
     """
     from torch.fx.passes.infra.pass_base import PassResult
@@ -342,10 +343,13 @@ def infer_symbolic_view_dim(gm: torch.fx.GraphModule) -> Any:
     for node in gm.graph.nodes:
         if node.op != "call_function" or "view_copy" not in str(node.target) or len(node.args) < 2:
             continue
-        shape = list(node.args[1])
-        symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
-        if len(symbolic) == 1 and -1 not in shape:
-            shape[symbolic[0]] = -1
+        val = node.meta.get("val")  # the output's (fake) tensor: its sizes are ints except the dynamic ones
+        sizes = list(val.shape) if isinstance(val, torch.Tensor) else list(node.args[1])
+        symbolic = [i for i, d in enumerate(sizes) if not isinstance(d, int)]
+        if len(symbolic) != 1 or (not isinstance(val, torch.Tensor) and -1 in sizes):
+            continue
+        shape = [-1 if i == symbolic[0] else int(d) for i, d in enumerate(sizes)]  # x.view(x.size(0), -1) too
+        if shape != list(node.args[1]):
             node.update_arg(1, shape)
             changed = True
     if changed:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ConvBNReLULinear, KwargsNet, with_bn_statistics
+from torch import nn
 
 import lightning_quant
 import lightning_quant.export as export_mod
@@ -346,3 +347,32 @@ def test_kwargs_artifact_refuses_another_constant(kwargs_artifact):
 def test_load_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         load(**kwargs)
+
+
+class _ViewBatch(nn.Module):
+    """Flattens with ``x.view(x.size(0), -1)`` (EfficientNet's head): a symbolic size and an inferred one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("flatten", ["view", "flatten"])
+def test_arm_reshape_with_dynamic_batch_is_delegated(tmp_path, flatten):
+    torch.manual_seed(0)
+    model = (
+        _ViewBatch().eval() if flatten == "view" else nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 5))
+    )
+    q = quantize_ptq(model, [torch.randn(8, 3, 8, 8)], backend="arm", num_calibration_samples=8, max_batch_size=16)
+    sidecar = save(q, tmp_path / "m.pte")
+    assert sidecar["undelegated_ops"] == []
+    runner = load(tmp_path / "m.pte")
+    for batch in (1, 3, 16):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(runner(x), q(x), atol=2 * _output_step(q), rtol=0)
