@@ -121,8 +121,10 @@ QUICK: dict[str, Any] = {
     "en_calibration_pool": 8,
     "en_calibration_sizes": [8],
     "en_per_tensor_sizes": [8],
-    "en_ptq_grid": [["x86", "per_tensor"], ["arm", "per_channel"]],
-    "en_no_bias_correction_grid": [["x86", "per_channel"]],
+    # each EfficientNet export costs 10-25 s: one PTQ and one QAT artifact (the other backend x granularity pairs run
+    # on the Fashion-MNIST net); the without-bias-correction rows only in the full run
+    "en_ptq_grid": [["x86", "per_channel"]],
+    "en_no_bias_correction_grid": [],
     "en_qat_backends": ["arm"],
     "en_qat_images": 8,
     "en_qat_val_images": 4,

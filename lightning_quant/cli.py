@@ -21,7 +21,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     pl.seed_everything(args.seed, verbose=False)
-    dm = DemoData(data_dir=args.data, batch_size=128, train_subset=args.train_subset)
+    dm = DemoData(data_dir=args.data, batch_size=128, train_subset=args.train_subset, test_subset=args.test_subset)
     if args.data and dm.name != "fashion-mnist":
         print(
             f"error: --data {args.data!r} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)",
@@ -66,12 +66,14 @@ def _demo(args: argparse.Namespace) -> int:
             if qat.report:
                 reports.append(qat.report)
     print()
-    print(_demo_table(dm.name, reports))
+    dm.setup()
+    accuracy = f"{dm.name} test accuracy" + (f" ({len(dm.val_set)} images)" if args.test_subset else "")
+    print(_demo_table(accuracy, reports))
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _demo_table(dataset: str, reports: list) -> str:
+def _demo_table(accuracy: str, reports: list) -> str:
     if not reports:
         return "no backend ran"
     first = reports[0]
@@ -80,7 +82,7 @@ def _demo_table(dataset: str, reports: list) -> str:
     fp32_size, _ = first.size_bytes[name]
     fp32_ms, _ = first.latency_ms[name]
     batch = first.batch_size[name]
-    rows = [("model", f"{dataset} test accuracy", "vs fp32", "size", f"latency (batch {batch})", "vs fp32 eager")]
+    rows = [("model", accuracy, "vs fp32", "size", f"latency (batch {batch})", "vs fp32 eager")]
     fp32_acc = first.metrics_fp32.get(acc_key, float("nan"))
     rows.append(("fp32 eager", f"{fp32_acc:.4f}", "", f"{fp32_size / 1024:.0f} KiB", f"{fp32_ms:.2f} ms", "1.00x"))
     for r in reports:
@@ -417,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate = --lr times this")
     demo.add_argument("--backends", default="x86,arm", help="comma-separated: x86, arm")
     demo.add_argument("--calibration-samples", type=int, default=1024)
-    demo.add_argument("--train-subset", type=int, default=None, help="train on the first N shuffled images only")
+    demo.add_argument("--train-subset", type=int, default=None, help="train on N random training images only")
+    demo.add_argument("--test-subset", type=int, default=None, help="evaluate on N random test images only")
     demo.add_argument("--out", default="lightning_quant_demo", help="output folder for artifacts")
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)

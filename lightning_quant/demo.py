@@ -119,14 +119,27 @@ class LitClassifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _subset(data: TensorDataset, n: int) -> TensorDataset:
+    """``n`` samples of ``data`` drawn at random (fixed seed)."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]
+    return TensorDataset(*(t[idx] for t in data.tensors))
+
+
 class DemoData(pl.LightningDataModule):
     """Fashion-MNIST when its files are there (or at ``data_dir``), else scikit-learn's digits."""
 
-    def __init__(self, data_dir: str | None = None, batch_size: int = 128, train_subset: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 128,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+    ) -> None:
         super().__init__()
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.train_subset = train_subset
+        self.test_subset = test_subset
         self.name = "fashion-mnist" if fashion_mnist_available(data_dir) else "digits"
         self.image_size = 28 if self.name == "fashion-mnist" else 8
 
@@ -139,9 +152,9 @@ class DemoData(pl.LightningDataModule):
         else:
             self.train_set, self.val_set = load_digits("train"), load_digits("test")
         if self.train_subset:
-            g = torch.Generator().manual_seed(0)
-            idx = torch.randperm(len(self.train_set), generator=g)[: self.train_subset]
-            self.train_set = TensorDataset(*(t[idx] for t in self.train_set.tensors))
+            self.train_set = _subset(self.train_set, self.train_subset)
+        if self.test_subset:
+            self.val_set = _subset(self.val_set, self.test_subset)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)

@@ -345,6 +345,8 @@ def test_demo_command_prints_the_comparison(tmp_path):
             "1",
             "--train-subset",
             "2000",
+            "--test-subset",
+            "1000",
             "--backends",
             backends,
             "--calibration-samples",
@@ -360,6 +362,7 @@ def test_demo_command_prints_the_comparison(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fp32 eager" in out.stdout
+    assert "test accuracy (1000 images)" in out.stdout or "digits" in out.stdout
     assert "PTQ int8 x86 (.pt2)" in out.stdout
     if "arm" in backends:
         assert "PTQ int8 arm (.pte)" in out.stdout
