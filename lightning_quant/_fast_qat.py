@@ -9,9 +9,13 @@
   Only non-finite inputs can differ: ATen maps NaN to ``quant_min`` (here it stays NaN; its gradient is zero in both),
   and its per-channel kernel casts ``±inf`` to int64 before clamping (undefined; ``quant_min`` on x86), where here
   ``±inf`` clamps to ``quant_max``/``quant_min`` as in ATen's per-tensor kernel.
-* The Conv+BN QAT pattern divides the conv output by the per-channel BN scale; autograd's ``DivBackward`` recomputes
-  the quotient and negates a full-size tensor. :class:`_DivByScale` reuses the forward output and negates after the
-  reduction: the same float operations on the same values, two full-size passes fewer.
+* The Conv+BN QAT pattern divides the conv output by the per-channel BN scale: a full-size pass forward and three
+  backward. A convolution is linear in its weight and each output channel has its own filter, so
+  ``conv(x, w) / s == conv(x, w / s[:, None, None, None])`` (without bias, or torchao's zero bias): the division moves
+  onto the (small) fake-quantized weight. Mathematically the same function and gradients; float rounding differs
+  (relative ~1e-7). Where the conv does not allow it (transposed, a real bias), :class:`_DivByScale` reuses the
+  forward quotient in the backward and negates after the reduction: bit for bit ``aten.div``'s results, two
+  full-size passes fewer.
 
 :func:`install` applies both to a prepared graph, :func:`uninstall` restores torchao's originals (``convert_pt2e``
 pattern-matches the QAT graph, so :meth:`QATGraph.convert` converts a restored copy).
@@ -135,6 +139,11 @@ def div_by_scale(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _DivByScale.apply(a, b)
 
 
+def weight_div_by_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Graph target: the conv weight divided by the Conv+BN scale (given in the output's ``[1, C, 1, ...]`` shape)."""
+    return torch.div(weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
+
+
 def _is_conv_bn_div(node: torch.fx.Node) -> bool:
     if node.op != "call_function" or node.target != aten.div.Tensor or len(node.args) != 2 or node.kwargs:
         return False
@@ -142,12 +151,63 @@ def _is_conv_bn_div(node: torch.fx.Node) -> bool:
     return isinstance(a, torch.fx.Node) and a.target in _CONV and isinstance(b, torch.fx.Node) and b.target in _RESHAPE
 
 
+def _foldable(conv: torch.fx.Node) -> bool:
+    """A conv whose output channel ``c`` is ``conv(x, weight[c])`` alone: not transposed, no bias (or a zero one)."""
+    if len(conv.users) != 1 or not isinstance(conv.args[1], torch.fx.Node):
+        return False
+    if conv.target == aten.convolution.default:
+        if conv.args[6]:  # transposed: output channels are the weight's dim 1
+            return False
+    bias = conv.kwargs.get("bias", conv.args[2] if len(conv.args) > 2 else None)
+    return bias is None or (isinstance(bias, torch.fx.Node) and bias.target == aten.zeros_like.default)
+
+
+def _fold_divisions(gm: torch.fx.GraphModule) -> int:
+    n = 0
+    for div in list(gm.graph.nodes):
+        if not _is_conv_bn_div(div) or not _foldable(div.args[0]):
+            continue
+        conv, scale = div.args
+        conv.prepend(scale)  # the scale's reshape now has to come before the conv
+        with gm.graph.inserting_before(conv):
+            weight = gm.graph.call_function(weight_div_by_scale, (conv.args[1], scale))
+        weight.meta["lightning_quant_div"] = (div.name, div.meta)  # for _unfold_divisions
+        conv.update_arg(1, weight)
+        div.replace_all_uses_with(conv)
+        gm.graph.erase_node(div)
+        n += 1
+    return n
+
+
+def _unfold_divisions(gm: torch.fx.GraphModule) -> int:
+    n = 0
+    for weight in list(gm.graph.nodes):
+        if weight.op != "call_function" or weight.target is not weight_div_by_scale:
+            continue
+        (conv,) = weight.users
+        fake_quantized, scale = weight.args
+        name, meta = weight.meta.get("lightning_quant_div", (None, {}))
+        conv.update_arg(1, fake_quantized)
+        with gm.graph.inserting_after(conv):
+            div = gm.graph.create_node("call_function", aten.div.Tensor, (conv, scale), name=name)
+        div.meta = dict(meta)
+        conv.replace_all_uses_with(div, delete_user_cb=lambda user, div=div: user is not div)
+        div.prepend(scale)
+        gm.graph.erase_node(weight)
+        n += 1
+    return n
+
+
 # --------------------------------------------------------------------------------------------------- the passes
 
 
-def install(gm: torch.fx.GraphModule) -> int:
-    """Use the fast stand-ins in a prepared QAT graph; returns how many nodes and modules were switched."""
-    n = 0
+def install(gm: torch.fx.GraphModule, fold: bool = True) -> int:
+    """Use the fast stand-ins in a prepared QAT graph; returns how many nodes and modules were switched.
+
+    ``fold=False`` keeps every Conv+BN division on the conv output (as :func:`div_by_scale`): torchao's results bit
+    for bit, at the cost of the full-size passes.
+    """
+    n = _fold_divisions(gm) if fold else 0
     for node in gm.graph.nodes:
         if _is_conv_bn_div(node):
             node.target = div_by_scale
@@ -164,6 +224,7 @@ def uninstall(gm: torch.fx.GraphModule) -> int:
         if node.op == "call_function" and node.target is div_by_scale:
             node.target = aten.div.Tensor
             n += 1
+    n += _unfold_divisions(gm)
     if n:
         gm.recompile()
     return n + _torchao.use_fast_fake_quantize(gm, False)

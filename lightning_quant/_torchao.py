@@ -7,6 +7,7 @@ Their APIs move fast; every other module goes through the small functions here. 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -325,14 +326,72 @@ def _xnnpack_quantizer_class() -> type:
     return type(name, (XNNPACKQuantizer,), {"annotate": annotate, "__module__": __name__, "__qualname__": name})
 
 
+_PATTERN_CACHE: dict[tuple, torch.fx.GraphModule] = {}
+
+
+def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dict) -> tuple | None:
+    """What a Conv+BN pattern graph depends on: the function's code and closure, and the inputs' metadata."""
+
+    def meta(v: Any) -> Any:
+        return ("tensor", tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else v
+
+    pattern = getattr(pattern, "fn", pattern)  # torchao wraps each pattern function in a ``WrapperModule``
+    try:
+        closure = tuple(c.cell_contents for c in pattern.__closure__ or ())
+        key = (
+            pattern.__code__,
+            closure,
+            pattern.__defaults__,
+            tuple(meta(v) for v in example_inputs),
+            bool(is_cuda),
+            tuple(sorted((k, meta(v)) for k, v in kwargs.items())),
+        )
+        hash(key)
+    except (AttributeError, TypeError, ValueError):  # not a plain function, or something unhashable: no caching
+        return None
+    return key
+
+
+@contextlib.contextmanager
+def _cached_conv_bn_patterns() -> Iterator[None]:
+    """Export each of torchao's Conv+BN pattern graphs once per process.
+
+    ``prepare_qat_pt2e`` and ``convert_pt2e`` export up to 24 small pattern functions per conv kind with
+    ``torch.export`` on every call (~0.1 s each: ~10 s of a QAT convert). A pattern graph depends only on the function
+    and the example inputs' shapes, dtypes and device, so it is cached on those; callers get a deep copy (replacement
+    passes may edit it).
+    """
+    from torchao.quantization.pt2e import qat_utils
+
+    original = qat_utils._get_aten_graph_module_for_pattern
+
+    def cached(pattern: Any, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any) -> torch.fx.GraphModule:
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_CACHE:
+            _PATTERN_CACHE[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERN_CACHE[key])
+
+    qat_utils._get_aten_graph_module_for_pattern = cached
+    try:
+        yield
+    finally:
+        qat_utils._get_aten_graph_module_for_pattern = original
+
+
 def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:
     q = _pt2e().quantize_pt2e
-    return q.prepare_qat_pt2e(gm, quantizer) if is_qat else q.prepare_pt2e(gm, quantizer)
+    if not is_qat:
+        return q.prepare_pt2e(gm, quantizer)
+    with _cached_conv_bn_patterns():
+        return q.prepare_qat_pt2e(gm, quantizer)
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``convert_pt2e``; it mutates its input in place, so callers pass a copy they own."""
-    return _pt2e().quantize_pt2e.convert_pt2e(prepared)
+    with _cached_conv_bn_patterns():
+        return _pt2e().quantize_pt2e.convert_pt2e(prepared)
 
 
 def is_observer(module: nn.Module) -> bool:

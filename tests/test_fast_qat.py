@@ -1,4 +1,5 @@
-"""The fast QAT stand-ins give torchao's results bit for bit: fake quant, observers, Conv+BN division, convert."""
+"""The fast QAT stand-ins give torchao's results: fake quant, observers, Conv+BN division bit for bit; the Conv+BN
+division moved onto the weight up to float rounding; convert identical."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import ConvBNReLULinear
+from helpers import ConvBNReLULinear, TinyConvNet
 from test_ptq import needs_executorch
 from torch import nn
 from torch.nn import functional as F
@@ -104,14 +105,18 @@ def test_div_by_scale_matches_autograd_div(a_shape, b_shape):
     assert torch.equal(fa, ga) and torch.equal(fb, gb)
 
 
-def _qat_pair(model_cls: type, backend: str, granularity: str, x: torch.Tensor) -> tuple[QATGraph, QATGraph]:
+def _qat_pair(
+    model_cls: type, backend: str, granularity: str, x: torch.Tensor, fold: bool = True
+) -> tuple[QATGraph, QATGraph]:
     graphs = []
     for fast in (False, True):
         torch.manual_seed(0)
         g = QATGraph(model_cls().train(), "model", QuantConfig(backend=backend, weight_granularity=granularity))
         g.train().capture((x,), {})
-        if not fast:
+        if not fast or not fold:
             _fast_qat.uninstall(g.gm)
+        if fast and not fold:  # the division stays on the conv output, as div_by_scale: bit-identical to torchao
+            assert _fast_qat.install(g.gm, fold=False) > 0
         graphs.append(g)
     return graphs[0], graphs[1]
 
@@ -126,7 +131,7 @@ def _qat_pair(model_cls: type, backend: str, granularity: str, x: torch.Tensor) 
 )
 def test_training_and_convert_identical_to_torchao(model_cls, backend, granularity):
     x = torch.randn(8, 1, 28, 28)
-    ref, fast = _qat_pair(model_cls, backend, granularity, x)
+    ref, fast = _qat_pair(model_cls, backend, granularity, x, fold=False)
     assert "div_by_scale" in fast.gm.code and "div_by_scale" not in ref.gm.code
     opts = [torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9) for g in (ref, fast)]
     for step in range(7):
@@ -161,11 +166,70 @@ def test_training_and_convert_identical_to_torchao(model_cls, backend, granulari
     assert "div_by_scale" in fast.gm.code  # convert() restored torchao's graph on its copy only
 
 
+def _weights_only_fake_quant(g: QATGraph) -> None:
+    """Switch off activation fake quant (observers go on): the fake-quantized weights are the same in both graphs,
+    so what is left to differ is float rounding, not an activation landing on the other side of a rounding step."""
+    for m in g.gm.modules():
+        if _torchao.is_fake_quantize(m) and not m.is_symmetric_quant:  # weights are symmetric, activations affine
+            m.fake_quant_enabled[0] = 0
+
+
+@pytest.mark.parametrize("model_cls", [SmallCNN, TinyConvNet])  # TinyConvNet's conv has a bias (torchao: zeros_like)
+def test_division_folded_into_the_weight_matches_torchao(model_cls):
+    shape = (8, 1, 28, 28) if model_cls is SmallCNN else (8, 3, 8, 8)
+    ref, fast = _qat_pair(model_cls, "x86", "per_channel", torch.randn(shape))
+    assert fast.gm.code.count("weight_div_by_scale(") == ref.gm.code.count("aten.div.Tensor(conv") > 0
+    assert "div_by_scale(conv" not in fast.gm.code  # every Conv+BN division moved onto a weight
+    for g in (ref, fast):
+        _weights_only_fake_quant(g)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for step in range(5):
+        if step == 2:
+            ref.freeze_observers()
+            fast.freeze_observers()
+        if step == 3:
+            ref.freeze_bn()
+            fast.freeze_bn()
+        for g in (ref, fast):
+            g.train(step < 4)
+        fast.load_state_dict(ref.state_dict())  # compare one step from the same state each time
+        x = torch.randn(shape) * (1 + step)
+        outs, grads = [], []
+        for g in (ref, fast):
+            for p in g.parameters():
+                p.grad = None
+            out = g(x)
+            F.cross_entropy(out, torch.arange(len(x)) % out.shape[1]).backward()
+            outs.append(out)
+            grads.append([p.grad for p in g.parameters()])
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        ref_sd, fast_sd = ref.state_dict(), fast.state_dict()  # BN running stats, observer ranges, scales
+        for k, v in ref_sd.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                torch.testing.assert_close(fast_sd[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        opt.step()
+
+    fast.load_state_dict(ref.state_dict())
+    q_ref, q_fast = ref.convert(), fast.convert()  # from torchao's graph, restored on a copy
+    assert q_ref.code == q_fast.code
+    assert all(torch.equal(v, q_fast.state_dict()[k]) for k, v in q_ref.state_dict().items())
+    assert "weight_div_by_scale" in fast.gm.code
+
+
+def _structure(gm: torch.fx.GraphModule) -> list[tuple]:
+    """The graph without node names (FX never reuses an erased node's name, so a restored node may get another)."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = gm.graph.nodes
+    return [(n.op, n.target, repr(torch.fx.node.map_arg((n.args, n.kwargs), lambda a: index[a]))) for n in nodes]
+
+
 def test_install_uninstall_round_trip_and_pickling():
     x = torch.randn(4, 1, 28, 28)
     ref, fast = _qat_pair(SmallCNN, "x86", "per_channel", x)
     fast_types = {type(m).__name__ for m in fast.gm.modules()}
-    assert "FastFusedMovingAvgObsFakeQuantize" in fast_types
+    assert "FastFusedMovingAvgObsFakeQuantize" in fast_types and "weight_div_by_scale" in fast.gm.code
     assert "FastFusedMovingAvgObsFakeQuantize" not in {type(m).__name__ for m in ref.gm.modules()}
 
     fq = fast.gm.activation_post_process_0
@@ -177,6 +241,26 @@ def test_install_uninstall_round_trip_and_pickling():
 
     copied = copy.deepcopy(fast.gm)
     assert _fast_qat.uninstall(copied) == 2 + 8  # two Conv+BN divisions, eight fake-quantize modules
-    assert copied.code == ref.gm.code
+    assert _structure(copied) == _structure(ref.gm)  # same ops, arguments and order: convert_pt2e sees torchao's graph
     assert _fast_qat.uninstall(copied) == 0
     assert _fast_qat.install(copied) == 10
+    assert _structure(copied) == _structure(fast.gm)
+
+
+def test_conv_bn_patterns_exported_once_per_process(monkeypatch):
+    """torchao exports its Conv+BN pattern graphs on every QAT convert (~10 s); a warm convert exports none."""
+    x = torch.randn(8, 3, 8, 8)
+    g = QATGraph(TinyConvNet().train(), "model", QuantConfig(backend="x86")).train()
+    g(x)
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    _torchao._PATTERN_CACHE.clear()
+    cold = g.convert()
+    n_cold = len(exports)
+    warm = g.convert()
+    assert n_cold > 10 and len(exports) == n_cold  # every pattern came from the cache the second time
+    assert warm.code == cold.code
+    assert all(torch.equal(v, warm.state_dict()[k]) for k, v in cold.state_dict().items())
+    assert torch.equal(warm(x), cold(x))
+    assert "quantize_per" in warm.code and "batch_norm" not in warm.code  # BN folded into the int8 conv
