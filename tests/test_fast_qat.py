@@ -218,6 +218,38 @@ def test_division_folded_into_the_weight_matches_torchao(model_cls):
     assert "weight_div_by_scale" in fast.gm.code
 
 
+class _Conv1dAndTransposed(nn.Module):
+    """Conv1d+BN (folded, weight reshaped to [C, 1, 1]) and ConvTranspose2d+BN (output channels on the weight's dim 1:
+    the division must stay on the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3)
+        self.bn = nn.BatchNorm1d(8)
+        self.up = nn.ConvTranspose2d(2, 4, 3)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(self.conv(x)).relu().flatten(1)
+        b = self.bn2(self.up(x[:, :2].reshape(x.shape[0], 2, 4, -1))).flatten(1)
+        return torch.cat([a, b], 1)
+
+
+@needs_executorch
+def test_division_folded_for_conv1d_and_kept_for_transposed_conv():
+    x = torch.randn(4, 3, 16)
+    ref, fast = _qat_pair(_Conv1dAndTransposed, "arm", "per_channel", x)  # the x86 quantizer skips conv1d
+    code = fast.gm.code
+    assert "weight_div_by_scale(" in code and "conv1d.default(activation_post_process_0, weight_div_by_scale" in code
+    assert "aten.div.Tensor(conv_transpose2d" in code
+    for g in (ref, fast):
+        _weights_only_fake_quant(g)
+    fast.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    fast.load_state_dict(ref.state_dict())  # observer ranges from that call differ in the last bits
+    assert _structure(ref.convert()) == _structure(fast.convert())
+
+
 def _structure(gm: torch.fx.GraphModule) -> list[tuple]:
     """The graph without node names (FX never reuses an erased node's name, so a restored node may get another)."""
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
