@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quant.capture import is_zero_pad
 from lightning_quant.config import BACKENDS
 
 
@@ -251,21 +252,6 @@ def fuse_clamp_annotations(gm: torch.fx.GraphModule) -> int:
     return fused
 
 
-_PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
-
-
-def _zero_pad(node: torch.fx.Node) -> bool:
-    """A constant pad with value 0 (``F.pad(x, p)``, ``nn.ZeroPad2d``): in int8 it pads with the zero point."""
-    if node.op != "call_function" or node.target not in _PADS or not isinstance(node.args[0], torch.fx.Node):
-        return False
-    if node.target == torch.ops.aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-        return mode == "constant" and not value
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    return not value
-
-
 def quantize_before_pad(gm: torch.fx.GraphModule) -> int:
     """Quantize a zero pad's *input* (the pad then runs on int8), not its output, where only its consumers quantize.
 
@@ -280,7 +266,7 @@ def quantize_before_pad(gm: torch.fx.GraphModule) -> int:
     key = "quantization_annotation"
     moved = 0
     for pad in gm.graph.nodes:
-        if not _zero_pad(pad) or getattr(pad.meta.get(key), "_annotated", False) or not pad.users:
+        if not is_zero_pad(pad) or getattr(pad.meta.get(key), "_annotated", False) or not pad.users:
             continue
         source = pad.args[0]
         specs = [getattr(u.meta.get(key), "input_qspec_map", {}).get(pad) for u in pad.users]

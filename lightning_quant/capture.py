@@ -253,7 +253,70 @@ def export(
         ) from err
     split_module_call_sites(ep.graph)
     relabel_layer_subclasses(ep.graph, module)
+    fold_zero_pads_into_convs(ep.graph)
     return ep
+
+
+_PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}
+
+
+def is_zero_pad(node: torch.fx.Node) -> bool:
+    """A constant pad with value 0 (``F.pad(x, p)``, ``nn.ZeroPad2d``): in int8 it pads with the zero point."""
+    if node.op != "call_function" or node.target not in _PADS or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.target == torch.ops.aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return mode == "constant" and not value
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    return not value
+
+
+_CONV_DIMS = {
+    torch.ops.aten.conv1d.default: 1,
+    torch.ops.aten.conv2d.default: 2,
+    torch.ops.aten.conv3d.default: 3,
+}
+
+
+def fold_zero_pads_into_convs(graph: torch.fx.Graph) -> int:
+    """Make a symmetric zero pad feeding only a convolution that convolution's own padding; returns how many.
+
+    EfficientNet's ``Conv2dStaticSamePadding`` (and ``nn.ZeroPad2d`` + ``Conv2d``) pads explicitly: a full pass over
+    the activation, in fp32 or int8, that a conv's built-in zero padding makes unnecessary. The result is the same,
+    since both add zeros (the zero point, once quantized). Asymmetric pads (stride-2 "same" padding) stay.
+    """
+    folded = 0
+    for pad in list(graph.nodes):
+        if not is_zero_pad(pad) or len(pad.users) != 1:
+            continue
+        conv = next(iter(pad.users))
+        dims = _CONV_DIMS.get(conv.target)
+        if dims is None or conv.kwargs or conv.args[0] is not pad:
+            continue
+        widths = [int(w) for w in pad.args[1]]
+        before, after = widths[0::2], widths[1::2]  # last dim first
+        if len(widths) % 2 or len(before) > dims or before != after or min(widths) < 0:
+            continue
+        extra = list(reversed(before + [0] * (dims - len(before))))  # outermost spatial dim first, as conv padding
+        args = list(conv.args) + [None] * (7 - len(conv.args))
+        bias, stride, padding, dilation, groups = args[2:7]
+        padding = [0] * dims if padding is None else list(padding)
+        if isinstance(padding, str) or len(padding) not in (1, dims):
+            continue
+        padding = padding * dims if len(padding) == 1 else padding
+        conv.args = (
+            pad.args[0],
+            args[1],
+            bias,
+            [1] * dims if stride is None else stride,
+            [p + e for p, e in zip(padding, extra)],
+            [1] * dims if dilation is None else dilation,
+            1 if groups is None else groups,
+        )
+        graph.erase_node(pad)
+        folded += 1
+    return folded
 
 
 def split_module_call_sites(graph: torch.fx.Graph) -> int:

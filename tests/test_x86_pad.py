@@ -1,4 +1,5 @@
-"""x86: a zero pad between a conv's activation and the next conv is quantized at its input (int8 pad, fused conv)."""
+"""Zero pads before convs: symmetric ones become the conv's own padding (any backend); on x86 the others are
+quantized at their input (int8 pad, fused conv)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_quant import _torchao
+from lightning_quant.capture import _PADS, export, fold_zero_pads_into_convs, is_zero_pad
 from lightning_quant.export import load, save
 from lightning_quant.quantize import quantize_ptq
 
@@ -33,7 +35,7 @@ class PaddedConvs(nn.Module):
 
 
 def _pads(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _torchao._PADS]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _PADS]
 
 
 def _quantize(model: nn.Module, data: list[torch.Tensor], move: bool) -> torch.fx.GraphModule:
@@ -68,5 +70,48 @@ def test_zero_pad_detection(value):
     pad = g.call_function(torch.ops.aten.pad.default, (x, [1, 1], "constant", value))
     nd = g.call_function(torch.ops.aten.constant_pad_nd.default, (x, [1, 1], value))
     reflect = g.call_function(torch.ops.aten.pad.default, (x, [1, 1], "reflect"))
-    assert _torchao._zero_pad(pad) is _torchao._zero_pad(nd) is (value == 0.0)
-    assert not _torchao._zero_pad(reflect)
+    assert is_zero_pad(pad) is is_zero_pad(nd) is (value == 0.0)
+    assert not is_zero_pad(reflect)
+
+
+class SymmetricPads(nn.Module):
+    """Zero pads a conv can absorb (symmetric, before its input) and ones it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d(2)
+        self.conv5 = nn.Conv2d(3, 4, 5)  # absorbs the ZeroPad2d(2): padding 2
+        self.conv_p1 = nn.Conv2d(4, 4, 3, padding=1, groups=2)  # padding 1 + F.pad 1 -> 2
+        self.conv_asym = nn.Conv2d(4, 4, 3, stride=2)  # after an asymmetric pad: kept
+        self.conv1d = nn.Conv1d(4, 4, 3)  # F.pad (1, 1) on the last dim -> padding 1
+        self.conv_shared = nn.Conv2d(4, 4, 3)  # its pad also feeds an add: kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv5(self.pad(x)))
+        y = self.conv_p1(F.pad(y, (1, 1, 1, 1)))
+        y = self.conv_asym(F.pad(y, (0, 1, 0, 1)))
+        z = self.conv1d(F.pad(y.flatten(2), (1, 1)))
+        p = F.pad(y, (1, 1, 1, 1))
+        w = self.conv_shared(p) + p[:, :, 1:-1, 1:-1]
+        return z.sum(-1) + w.flatten(1).sum(-1, keepdim=True) + F.pad(y, (1, 1, 1, 1), value=1.0).mean()
+
+
+def test_symmetric_zero_pads_become_the_convs_padding():
+    torch.manual_seed(0)
+    model = SymmetricPads().eval()
+    x = torch.randn(2, 3, 12, 12)
+    ep = export(model, (x,), {}, max_batch_size=8, name="model")  # export folds them
+    convs = {n.args[1].target: n for n in ep.graph.nodes if n.op == "call_function" and "conv" in str(n.target)}
+    paddings = {k.split("_", 1)[1].rsplit("_", 1)[0]: list(n.args[4]) for k, n in convs.items() if len(n.args) > 4}
+    assert paddings == {"conv5": [2, 2], "conv_p1": [2, 2], "conv1d": [1]}  # the others keep no padding argument
+    kept = sorted(list(n.args[1]) for n in ep.graph.nodes if n.op == "call_function" and n.target in _PADS)
+    assert kept == [[0, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 1]]  # asymmetric, shared with an add, value 1.0
+    assert fold_zero_pads_into_convs(ep.graph) == 0
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 12, 12)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+    q = quantize_ptq(model, [torch.randn(8, 3, 12, 12)], backend="x86", num_calibration_samples=8, max_batch_size=8)
+    assert len(_pads(q)) == 3
+    x = torch.randn(4, 3, 12, 12)
+    torch.testing.assert_close(q(x), model(x), atol=0.05 * float(model(x).abs().max()), rtol=0)
