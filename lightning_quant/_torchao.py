@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -315,27 +316,33 @@ def _xnnpack_quantizer_class() -> type:
 _PATTERN_CACHE: dict[tuple, torch.fx.GraphModule] = {}
 
 
+_PLAIN = (bool, int, float, str, type(None), types.FunctionType, types.BuiltinFunctionType, torch._ops.OpOverload)
+
+
 def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dict) -> tuple | None:
-    """What a Conv+BN pattern graph depends on: the function's code and closure, and the inputs' metadata."""
+    """What a Conv+BN pattern graph depends on: the function's code and closure, and the inputs' metadata.
 
-    def meta(v: Any) -> Any:
-        return ("tensor", tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else v
-
+    ``None`` (no caching) unless every closure value, default and non-tensor input is a plain constant or function:
+    a key holding some object by identity would never hit again and would keep that object alive.
+    """
     pattern = getattr(pattern, "fn", pattern)  # torchao wraps each pattern function in a ``WrapperModule``
+    code = getattr(pattern, "__code__", None)
+    if code is None:
+        return None
     try:
         closure = tuple(c.cell_contents for c in pattern.__closure__ or ())
-        key = (
-            pattern.__code__,
-            closure,
-            pattern.__defaults__,
-            tuple(meta(v) for v in example_inputs),
-            bool(is_cuda),
-            tuple(sorted((k, meta(v)) for k, v in kwargs.items())),
-        )
-        hash(key)
-    except (AttributeError, TypeError, ValueError):  # not a plain function, or something unhashable: no caching
+    except ValueError:  # an empty cell
         return None
-    return key
+    constants, inputs = [*closure, *(pattern.__defaults__ or ())], []
+    for v in (*example_inputs, *(kwargs[k] for k in sorted(kwargs))):
+        if isinstance(v, torch.Tensor):
+            inputs.append(("tensor", tuple(v.shape), v.dtype, v.device.type))
+        else:
+            inputs.append(v)
+            constants.append(v)
+    if not all(isinstance(v, _PLAIN) for v in constants):
+        return None
+    return (code, closure, pattern.__defaults__, tuple(inputs), tuple(sorted(kwargs)), bool(is_cuda))
 
 
 @contextlib.contextmanager

@@ -296,3 +296,20 @@ def test_conv_bn_patterns_exported_once_per_process(monkeypatch):
     assert all(torch.equal(v, warm.state_dict()[k]) for k, v in cold.state_dict().items())
     assert torch.equal(warm(x), cold(x))
     assert "quantize_per" in warm.code and "batch_norm" not in warm.code  # BN folded into the int8 conv
+
+
+def test_pattern_cache_key_only_for_plain_closures():
+    def factory(value):
+        def pattern(x, scale):
+            return F.conv2d(x, x) * value + scale
+
+        return pattern
+
+    x, kw = (torch.randn(1, 1, 3, 3),), {"scale": torch.ones(2)}
+    same = _torchao._pattern_key(factory(1.5), x, False, kw)
+    assert same is not None and same == _torchao._pattern_key(factory(1.5), (torch.zeros(1, 1, 3, 3),), False, kw)
+    assert same != _torchao._pattern_key(factory(2.0), x, False, kw)  # closure values are part of the key
+    assert same != _torchao._pattern_key(factory(1.5), (torch.randn(1, 1, 4, 4),), False, kw)  # and input shapes
+    assert same != _torchao._pattern_key(factory(1.5), x, True, kw)
+    assert _torchao._pattern_key(factory(torch.ones(1)), x, False, kw) is None  # a tensor held by identity: no cache
+    assert _torchao._pattern_key(factory(1.5), x, False, {"scale": [1, 2]}) is None
