@@ -292,19 +292,21 @@ def fold_zero_pads_into_convs(graph: torch.fx.Graph) -> int:
             continue
         conv = next(iter(pad.users))
         dims = _CONV_DIMS.get(conv.target)
-        if dims is None or conv.kwargs or conv.args[0] is not pad:
+        if dims is None or conv.kwargs or conv.args[0] is not pad or pad in conv.args[1:]:
             continue
-        widths = [int(w) for w in pad.args[1]]
+        widths = list(pad.args[1])
         before, after = widths[0::2], widths[1::2]  # last dim first
-        if len(widths) % 2 or len(before) > dims or before != after or min(widths) < 0:
+        if not widths or not all(type(w) is int for w in widths) or len(widths) % 2 or len(before) > dims:
+            continue
+        if before != after or min(widths) < 0:  # asymmetric, or a crop
             continue
         extra = list(reversed(before + [0] * (dims - len(before))))  # outermost spatial dim first, as conv padding
         args = list(conv.args) + [None] * (7 - len(conv.args))
         bias, stride, padding, dilation, groups = args[2:7]
         padding = [0] * dims if padding is None else list(padding)
-        if isinstance(padding, str) or len(padding) not in (1, dims):
-            continue
         padding = padding * dims if len(padding) == 1 else padding
+        if len(padding) != dims:
+            continue
         conv.args = (
             pad.args[0],
             args[1],
