@@ -151,24 +151,45 @@ def _is_conv_bn_div(node: torch.fx.Node) -> bool:
     return isinstance(a, torch.fx.Node) and a.target in _CONV and isinstance(b, torch.fx.Node) and b.target in _RESHAPE
 
 
-def _foldable(conv: torch.fx.Node) -> bool:
-    """A conv whose output channel ``c`` is ``conv(x, weight[c])`` alone: not transposed, no bias (or a zero one)."""
-    if len(conv.users) != 1 or not isinstance(conv.args[1], torch.fx.Node):
+def _foldable(div: torch.fx.Node) -> bool:
+    """The Conv+BN QAT pattern of torchao, exactly: ``conv(x, fq(w * r(sf, [-1, 1, ..]))) / r(sf, [1, -1, 1, ..])``.
+
+    The divisor must be the same per-output-channel factor ``sf`` that scales the conv's (fake-quantized) weight, so
+    that dividing the weight instead is the same function; and the conv must be one whose output channel ``c`` is
+    ``conv(x, weight[c])`` alone: not transposed, no bias (or torchao's zero bias), no other user of its output.
+    """
+    conv, divisor = div.args
+    if len(conv.users) != 1 or len(conv.args) < 2 or not isinstance(conv.args[1], torch.fx.Node):
         return False
-    if conv.target == aten.convolution.default:
-        if conv.args[6]:  # transposed: output channels are the weight's dim 1
-            return False
+    if conv.target == aten.convolution.default and conv.args[6]:  # transposed: output channels on the weight's dim 1
+        return False
     bias = conv.kwargs.get("bias", conv.args[2] if len(conv.args) > 2 else None)
-    return bias is None or (isinstance(bias, torch.fx.Node) and bias.target == aten.zeros_like.default)
+    if not (bias is None or (isinstance(bias, torch.fx.Node) and bias.target == aten.zeros_like.default)):
+        return False
+    shape = list(divisor.args[1]) if len(divisor.args) > 1 and isinstance(divisor.args[1], (list, tuple)) else []
+    if len(divisor.args) != 2 or len(shape) < 2 or shape[1] != -1 or any(d != 1 for d in shape[:1] + shape[2:]):
+        return False
+    factor = divisor.args[0]
+    fake_quant = conv.args[1]  # the weight's fake-quantize module call, on w * reshape(factor, [-1, 1, ...])
+    scaled = fake_quant.args[0] if fake_quant.op == "call_module" and len(fake_quant.args) == 1 else None
+    if not isinstance(scaled, torch.fx.Node) or scaled.target != aten.mul.Tensor or len(scaled.args) != 2:
+        return False
+    weight_factor = scaled.args[1]
+    return (
+        isinstance(weight_factor, torch.fx.Node)
+        and weight_factor.target in _RESHAPE
+        and weight_factor.args[0] is factor
+        and list(weight_factor.args[1]) == [-1] + [1] * (len(shape) - 1)
+    )
 
 
 def _fold_divisions(gm: torch.fx.GraphModule) -> int:
     n = 0
     for div in list(gm.graph.nodes):
-        if not _is_conv_bn_div(div) or not _foldable(div.args[0]):
+        if not _is_conv_bn_div(div) or not _foldable(div):
             continue
         conv, scale = div.args
-        conv.prepend(scale)  # the scale's reshape now has to come before the conv
+        conv.prepend(scale)  # the divisor's reshape now comes before the conv (its input, the factor, already does)
         with gm.graph.inserting_before(conv):
             weight = gm.graph.call_function(weight_div_by_scale, (conv.args[1], scale))
         weight.meta["lightning_quant_div"] = (div.name, div.meta)  # for _unfold_divisions

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -314,6 +315,7 @@ def _xnnpack_quantizer_class() -> type:
 
 
 _PATTERN_CACHE: dict[tuple, torch.fx.GraphModule] = {}
+_PATTERN_LOCK = threading.RLock()
 
 
 _PLAIN = (bool, int, float, str, type(None), types.FunctionType, types.BuiltinFunctionType, torch._ops.OpOverload)
@@ -333,16 +335,22 @@ def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dic
         closure = tuple(c.cell_contents for c in pattern.__closure__ or ())
     except ValueError:  # an empty cell
         return None
-    constants, inputs = [*closure, *(pattern.__defaults__ or ())], []
+    kwdefaults = tuple(sorted((pattern.__kwdefaults__ or {}).items()))
+    constants, inputs = [*closure, *(pattern.__defaults__ or ()), *(v for _, v in kwdefaults)], []
     for v in (*example_inputs, *(kwargs[k] for k in sorted(kwargs))):
         if isinstance(v, torch.Tensor):
             inputs.append(("tensor", tuple(v.shape), v.dtype, v.device.type))
         else:
-            inputs.append(v)
+            inputs.append((type(v), v))
             constants.append(v)
     if not all(isinstance(v, _PLAIN) for v in constants):
         return None
-    return (code, closure, pattern.__defaults__, tuple(inputs), tuple(sorted(kwargs)), bool(is_cuda))
+
+    def typed(values: Any) -> tuple:  # True == 1 == 1.0 as dict keys: keep the type with each value
+        return tuple((type(v), v) for v in values)
+
+    defaults = (typed(pattern.__defaults__ or ()), typed(v for _, v in kwdefaults), tuple(k for k, _ in kwdefaults))
+    return (code, typed(closure), defaults, tuple(inputs), tuple(sorted(kwargs)), bool(is_cuda))
 
 
 @contextlib.contextmanager
@@ -366,11 +374,12 @@ def _cached_conv_bn_patterns() -> Iterator[None]:
             _PATTERN_CACHE[key] = original(pattern, example_inputs, is_cuda, **kwargs)
         return copy.deepcopy(_PATTERN_CACHE[key])
 
-    qat_utils._get_aten_graph_module_for_pattern = cached
-    try:
-        yield
-    finally:
-        qat_utils._get_aten_graph_module_for_pattern = original
+    with _PATTERN_LOCK:  # two threads patching at once could leave the wrapper installed for good
+        qat_utils._get_aten_graph_module_for_pattern = cached
+        try:
+            yield
+        finally:
+            qat_utils._get_aten_graph_module_for_pattern = original
 
 
 def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:

@@ -253,7 +253,8 @@ def export(
         ) from err
     split_module_call_sites(ep.graph)
     relabel_layer_subclasses(ep.graph, module)
-    fold_zero_pads_into_convs(ep.graph)
+    if fold_zero_pads_into_convs(ep.graph):
+        ep.graph_module.recompile()
     return ep
 
 
@@ -283,8 +284,9 @@ def fold_zero_pads_into_convs(graph: torch.fx.Graph) -> int:
     """Make a symmetric zero pad feeding only a convolution that convolution's own padding; returns how many.
 
     EfficientNet's ``Conv2dStaticSamePadding`` (and ``nn.ZeroPad2d`` + ``Conv2d``) pads explicitly: a full pass over
-    the activation, in fp32 or int8, that a conv's built-in zero padding makes unnecessary. The result is the same,
-    since both add zeros (the zero point, once quantized). Asymmetric pads (stride-2 "same" padding) stay.
+    the activation, in fp32 or int8, that a conv's built-in zero padding makes unnecessary. The function is the same,
+    since both add zeros (the zero point, once quantized); PTQ calibration can differ slightly, as the conv's input
+    observer no longer sees the pad's zeros. Asymmetric pads (stride-2 "same" padding) stay.
     """
     folded = 0
     for pad in list(graph.nodes):

@@ -250,6 +250,31 @@ def test_division_folded_for_conv1d_and_kept_for_transposed_conv():
     assert _structure(ref.convert()) == _structure(fast.convert())
 
 
+class _ConvDividedPerSample(nn.Module):
+    """A conv output divided by something other than the Conv+BN factor (per sample, here): not folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y / (x.flatten(1).abs().mean(1) + 1).reshape(-1, 1, 1, 1)
+
+
+def test_only_the_conv_bn_factor_is_folded():
+    torch.manual_seed(0)
+    model = _ConvDividedPerSample().train()
+    x = torch.randn(4, 3, 8, 8)  # batch == output channels: a wrong fold would even broadcast
+    g = QATGraph(model, "model", QuantConfig(backend="x86")).train()
+    g.capture((x,), {})
+    assert "weight_div_by_scale" not in g.gm.code
+    for m in g.gm.modules():
+        if _torchao.is_fake_quantize(m):
+            m.fake_quant_enabled[0] = 0
+    torch.testing.assert_close(g(x), model(x))
+
+
 def _structure(gm: torch.fx.GraphModule) -> list[tuple]:
     """The graph without node names (FX never reuses an erased node's name, so a restored node may get another)."""
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -311,5 +336,9 @@ def test_pattern_cache_key_only_for_plain_closures():
     assert same != _torchao._pattern_key(factory(2.0), x, False, kw)  # closure values are part of the key
     assert same != _torchao._pattern_key(factory(1.5), (torch.randn(1, 1, 4, 4),), False, kw)  # and input shapes
     assert same != _torchao._pattern_key(factory(1.5), x, True, kw)
+    assert same != _torchao._pattern_key(factory(True), x, False, kw) != _torchao._pattern_key(factory(1), x, False, kw)
+    keyword_default = factory(1.5)
+    keyword_default.__kwdefaults__ = {"bias": 2.0}
+    assert same != _torchao._pattern_key(keyword_default, x, False, kw)
     assert _torchao._pattern_key(factory(torch.ones(1)), x, False, kw) is None  # a tensor held by identity: no cache
     assert _torchao._pattern_key(factory(1.5), x, False, {"scale": [1, 2]}) is None
