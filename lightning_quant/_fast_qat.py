@@ -1,4 +1,4 @@
-"""Faster stand-ins for the two hot spots of a ``prepare_qat_pt2e`` training graph, with the same numerics (pure torch).
+"""Faster stand-ins for the two hot spots of a ``prepare_qat_pt2e`` training graph: the same function, pure torch.
 
 * ``FusedMovingAvgObsFakeQuantize``: ATen's fused op fake-quantizes in a scalar (non-vectorized) loop. Here the
   observer update and the choice of scale/zero point still run in that ATen op, but on a two-value summary of the
@@ -12,10 +12,10 @@
 * The Conv+BN QAT pattern divides the conv output by the per-channel BN scale: a full-size pass forward and three
   backward. A convolution is linear in its weight and each output channel has its own filter, so
   ``conv(x, w) / s == conv(x, w / s[:, None, None, None])`` (without bias, or torchao's zero bias): the division moves
-  onto the (small) fake-quantized weight. Mathematically the same function and gradients; float rounding differs
-  (relative ~1e-7). Where the conv does not allow it (transposed, a real bias), :class:`_DivByScale` reuses the
-  forward quotient in the backward and negates after the reduction: bit for bit ``aten.div``'s results, two
-  full-size passes fewer.
+  onto the (small) fake-quantized weight, where ``s`` is the factor that scales that weight (nothing else is folded).
+  Mathematically the same function and gradients; float rounding differs (relative ~1e-7). Where the conv does not
+  allow it (transposed, a real bias), :class:`_DivByScale` reuses the forward quotient in the backward and negates
+  after the reduction: bit for bit ``aten.div``'s results, two full-size passes fewer.
 
 :func:`install` applies both to a prepared graph, :func:`uninstall` restores torchao's originals (``convert_pt2e``
 pattern-matches the QAT graph, so :meth:`QATGraph.convert` converts a restored copy).

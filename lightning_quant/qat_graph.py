@@ -180,7 +180,7 @@ class QATGraph(nn.Module):
                 f"({type(module).__name__}). Choose submodules with Conv/Linear layers via `modules=`."
             )
         restore_bn_literals(gm, module)
-        _fast_qat.install(gm)  # same numerics, faster kernels; convert() undoes it on its copy
+        _fast_qat.install(gm)  # the same function, fewer full-size passes; convert() undoes it on its copy
         self._modules.pop("source", None)
         self._keep_example(*self.example_inputs)
         self.gm = gm
