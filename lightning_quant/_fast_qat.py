@@ -166,8 +166,8 @@ def _foldable(div: torch.fx.Node) -> bool:
     bias = conv.kwargs.get("bias", conv.args[2] if len(conv.args) > 2 else None)
     if not (bias is None or (isinstance(bias, torch.fx.Node) and bias.target == aten.zeros_like.default)):
         return False
-    shape = list(divisor.args[1]) if len(divisor.args) > 1 and isinstance(divisor.args[1], (list, tuple)) else []
-    if len(divisor.args) != 2 or len(shape) < 2 or shape[1] != -1 or any(d != 1 for d in shape[:1] + shape[2:]):
+    shape = list(divisor.args[1])  # a reshape/view (``_is_conv_bn_div``): (input, shape)
+    if len(shape) < 2 or shape[1] != -1 or any(d != 1 for d in shape[:1] + shape[2:]):
         return False
     factor = divisor.args[0]
     fake_quant = conv.args[1]  # the weight's fake-quantize module call, on w * reshape(factor, [-1, 1, ...])
