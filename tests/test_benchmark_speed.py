@@ -56,6 +56,12 @@ def test_speed_quick(tmp_path: Path) -> None:
             assert _positive(anatomy[key]), (key, anatomy)
     for q in results["qat_step"].values():
         assert _positive(q["fp32_step_ms"]) and _positive(q["qat_step_ms"]) and _positive(q["ratio"])
+        sep, same = q["separate_processes"], q["same_process"]
+        assert q["ratio"] == sep["ratio"] == pytest.approx(sep["qat_step_ms"] / sep["fp32_step_ms"], abs=2e-3)
+        assert len(sep["fp32_runs_ms"]) == len(sep["qat_runs_ms"]) == results["settings"]["qat_processes"]
+        for m in (sep, same):
+            assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]) and _positive(m["ratio"]), m
+            assert m["fp32_faults_per_step"] >= 0 and m["qat_faults_per_step"] >= 0, m
     points = results["ptq_time"]["points"]
     assert len(points) == len(results["settings"]["ptq_sizes"]) and all(_positive(p["seconds"]) for p in points)
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
