@@ -1,23 +1,23 @@
 """QAT training-step cost as a ratio to the fp32 step.
 
-    python benchmarks/qat_step.py [--nets smallcnn mobilenetv2 resnet] [--batch 128] [--threads 2] [--rounds 3]
-                                  [--out benchmarks/results/qat_step.json]
+    python benchmarks/qat_step.py [--nets smallcnn mobilenetv2 resnet] [--batch 128] [--threads N] [--processes 3]
+                                  [--hugetlb] [--out benchmarks/results/qat_step.json]
 
 One step = forward + cross-entropy + backward + SGD(momentum) update at 28x28 inputs, on the demo's SmallCNN and the
 benchmark nets of ``benchmarks/common.py``; QAT is the PT2E ``prepare_qat_pt2e`` graph through ``QATGraph`` (x86).
-Target: at most 1.5x. Two ways of measuring, both reported:
+Target: at most 1.5x. Every measurement runs in fresh worker processes; two methods, both reported:
 
-- **separate processes** (the target's figure): fp32 training and QAT training each in their own fresh Python process,
-  as a user runs them; ``--rounds`` processes of each, alternating fp32/QAT so that machine noise hits both alike; the
-  ratio of the medians. Each process times ``--repeats`` rounds of ``--steps`` steps after warm-up.
-- **same process**: both models in one process, timed in interleaved rounds (the method of earlier runs). Here the
-  fp32 steps reuse the larger heap that the QAT graph's allocations left behind, so they run with almost no page
-  faults, which an fp32 training process of its own does not: the page-fault counts per step are reported for both
-  methods to show it.
+- **separate processes** (the target's figure): fp32 training and QAT training each in their own process, as a user
+  runs them; ``--processes`` of each, in alternating order so that drifting machine load hits both alike; the ratio of
+  the medians. Each process times ``--repeats`` rounds of ``--steps`` steps after warm-up.
+- **same process**: both models in one process, timed in interleaved rounds (the method of earlier runs). There the
+  two models' allocations interfere: the fp32 steps fault less and the QAT steps more than in processes of their own.
 
 On glibc, tensors freed between steps go back to the kernel and come back as fresh zeroed pages; how often depends on
-the allocator's state, which is why the two methods differ. ``--hugetlb`` adds a third, separate-process measurement
-under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages for malloc: far fewer faults).
+the allocator's state, so page faults per step are reported for every figure, with the glibc version and the
+transparent-huge-page mode. The baseline runs without ``GLIBC_TUNABLES``; ``--hugetlb`` adds a separate-process
+measurement under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: transparent huge pages for malloc, far
+fewer faults).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from torch.nn import functional as F  # noqa: E402
 
 INPUT_SHAPE = (1, 28, 28)
 HUGETLB_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+WORKER_TIMEOUT_S = 1800
 
 
 def make_net(name: str) -> torch.nn.Module:
@@ -109,76 +111,80 @@ def _timed_rounds(steps: dict[str, Callable[[], None]], repeats: int, n: int) ->
     return {k: {"step_ms": statistics.median(times[k]), "faults_per_step": faults[k] / (repeats * n)} for k in steps}
 
 
-def worker(name: str, kind: str, batch: int, threads: int, repeats: int, steps: int) -> dict[str, float]:
-    """One training process: ``kind`` (``fp32`` or ``qat``) alone, as a user's training run."""
+def worker(name: str, kinds: list[str], batch: int, threads: int, repeats: int, steps: int) -> dict[str, Any]:
+    """One training process: ``kinds`` (``["fp32"]``, ``["qat"]`` or both, interleaved) timed in it."""
     torch.set_num_threads(threads)
     x, y = _batch(batch)
-    return _timed_rounds({kind: _step_fn(_model(name, kind), x, y)}, repeats, steps)[kind]
+    result: dict[str, Any] = _timed_rounds({k: _step_fn(_model(name, k), x, y) for k in kinds}, repeats, steps)
+    result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+    return result
 
 
-def separate_processes(
-    name: str,
-    *,
-    batch: int,
-    threads: int,
-    rounds: int,
-    repeats: int,
-    steps: int,
-    env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """fp32 and QAT steps each timed in fresh processes (``rounds`` of each, alternating); ratio of the medians."""
-    runs: dict[str, list[dict[str, float]]] = {"fp32": [], "qat": []}
-    for _ in range(rounds):
-        for kind in runs:
-            args = json.dumps([name, kind, batch, threads, repeats, steps])
-            proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", args],
-                cwd=ROOT,
-                env={**os.environ, **(env or {})},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"QAT step worker {args} failed:\n{proc.stderr[-3000:]}")
-            runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    med = {k: statistics.median(r["step_ms"] for r in v) for k, v in runs.items()}
-    return {
-        "method": "separate processes",
-        "env": env or {},
-        "processes_each": rounds,
+def _run_worker(name: str, kinds: list[str], kw: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
+    args = json.dumps([name, kinds, kw["batch"], kw["threads"], kw["repeats"], kw["steps"]])
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the baseline runs with glibc's defaults
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", args],
+            cwd=ROOT,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=WORKER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"QAT step worker {args} did not finish in {WORKER_TIMEOUT_S} s") from err
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"QAT step worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _summary(method: str, fp32: list[dict[str, float]], qat: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
+    med = {k: statistics.median(r["step_ms"] for r in runs) for k, runs in (("fp32", fp32), ("qat", qat))}
+    out = {
+        "method": method,
+        **extra,
         "fp32_step_ms": round(med["fp32"], 3),
         "qat_step_ms": round(med["qat"], 3),
         "ratio": round(med["qat"] / med["fp32"], 3),
-        "fp32_runs_ms": [round(r["step_ms"], 2) for r in runs["fp32"]],
-        "qat_runs_ms": [round(r["step_ms"], 2) for r in runs["qat"]],
-        "fp32_faults_per_step": round(statistics.median(r["faults_per_step"] for r in runs["fp32"])),
-        "qat_faults_per_step": round(statistics.median(r["faults_per_step"] for r in runs["qat"])),
     }
+    for kind, runs in (("fp32", fp32), ("qat", qat)):
+        out[f"{kind}_runs_ms"] = [round(r["step_ms"], 2) for r in runs]
+        out[f"{kind}_faults_per_step"] = round(statistics.median(r["faults_per_step"] for r in runs))
+    return out
 
 
-def same_process(name: str, *, batch: int, threads: int, repeats: int, steps: int) -> dict[str, Any]:
-    """fp32 and QAT steps in this process, in interleaved rounds; ratio of the medians."""
-    torch.set_num_threads(threads)
-    x, y = _batch(batch)
-    fns = {kind: _step_fn(_model(name, kind), x, y) for kind in ("fp32", "qat")}
-    r = _timed_rounds(fns, repeats, steps)
-    return {
-        "method": "same process",
-        "fp32_step_ms": round(r["fp32"]["step_ms"], 3),
-        "qat_step_ms": round(r["qat"]["step_ms"], 3),
-        "ratio": round(r["qat"]["step_ms"] / r["fp32"]["step_ms"], 3),
-        "fp32_faults_per_step": round(r["fp32"]["faults_per_step"]),
-        "qat_faults_per_step": round(r["qat"]["faults_per_step"]),
-    }
+def separate_processes(name: str, *, processes: int, env: dict[str, str] | None = None, **kw: int) -> dict[str, Any]:
+    """fp32 and QAT steps each timed in fresh processes, ``processes`` of each; ratio of the medians.
+
+    The order alternates (fp32 then QAT, QAT then fp32, ...) so that drifting machine load hits both alike.
+    ``kw``: ``batch``, ``threads``, ``repeats``, ``steps``.
+    """
+    env = env or {}
+    runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "qat": []}
+    for i in range(processes):
+        for kind in ("fp32", "qat") if i % 2 == 0 else ("qat", "fp32"):
+            r = _run_worker(name, [kind], kw, env)
+            runs[kind].append({**r[kind], "glibc_tunables": r["glibc_tunables"]})
+    tunables = sorted({str(r["glibc_tunables"]) for v in runs.values() for r in v})
+    extra = {"env": env, "processes_each": processes, "glibc_tunables": tunables}
+    return _summary("separate processes", runs["fp32"], runs["qat"], **extra)
+
+
+def same_process(name: str, **kw: int) -> dict[str, Any]:
+    """fp32 and QAT steps interleaved in one fresh process; ratio of the medians (``kw``: as in separate_processes)."""
+    r = _run_worker(name, ["fp32", "qat"], kw, {})
+    return _summary("same process", [r["fp32"]], [r["qat"]])
 
 
 def measure(
-    name: str, *, batch: int, threads: int, rounds: int, repeats: int, steps: int, hugetlb: bool = False
+    name: str, *, batch: int, threads: int, processes: int, repeats: int, steps: int, hugetlb: bool = False
 ) -> dict[str, Any]:
     """Both methods (and the huge-page variant when asked) for one net; ``ratio`` is the separate-process one."""
     kw = {"batch": batch, "threads": threads, "repeats": repeats, "steps": steps}
-    sep = separate_processes(name, rounds=rounds, **kw)
+    sep = separate_processes(name, processes=processes, **kw)
     out: dict[str, Any] = {
         "batch": batch,
         "threads": threads,
@@ -189,8 +195,18 @@ def measure(
         "same_process": same_process(name, **kw),
     }
     if hugetlb:
-        out["separate_processes_hugetlb"] = separate_processes(name, rounds=rounds, env=HUGETLB_ENV, **kw)
+        out["separate_processes_hugetlb"] = separate_processes(name, processes=processes, env=HUGETLB_ENV, **kw)
     return out
+
+
+def allocator() -> dict[str, Any]:
+    """What the page-fault figures depend on: glibc's version, the transparent-huge-page mode, inherited tunables."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return {
+        "libc": " ".join(platform.libc_ver()),
+        "transparent_hugepage": thp.read_text().strip() if thp.exists() else None,
+        "inherited_glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }
 
 
 def main() -> None:
@@ -198,7 +214,7 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["smallcnn", "mobilenetv2", "resnet"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes of each kind (separate processes)")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes of each kind (separate processes)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per measurement")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--hugetlb", action="store_true", help="also measure under glibc.malloc.hugetlb=1")
@@ -219,7 +235,7 @@ def main() -> None:
             name,
             batch=args.batch,
             threads=threads,
-            rounds=args.rounds,
+            processes=args.processes,
             repeats=args.repeats,
             steps=args.steps,
             hugetlb=args.hugetlb,
@@ -230,6 +246,7 @@ def main() -> None:
         "target_ratio": 1.5,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")} | {"threads": threads},
         "machine": machine(),
+        "allocator": allocator(),
         "nets": nets,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

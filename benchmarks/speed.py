@@ -484,7 +484,7 @@ def qat_step_ratio(name: str, s: dict[str, Any], threads: int) -> dict[str, Any]
         name,
         batch=s["qat_batch"],
         threads=threads,
-        rounds=s["qat_processes"],
+        processes=s["qat_processes"],
         repeats=s["qat_rounds"],
         steps=s["qat_steps"],
     )

@@ -222,11 +222,33 @@ def widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(widen, args), tree_map(widen, kwargs)
 
 
-def detach_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def detach_inputs(args: tuple, kwargs: dict, device: torch.device | str | None = "cpu") -> tuple[tuple, dict]:
+    """Detached copies of the tensors in ``(args, kwargs)``, moved to ``device`` (``None``: left where they are)."""
+
     def det(x: Any) -> Any:
-        return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.detach()
+        return x if device is None else x.to(device)
 
     return tree_map(det, args), tree_map(det, kwargs)
+
+
+def graph_to_cpu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Move ``gm``'s parameters, buffers and the devices its nodes name to the CPU, in place; returns ``gm``.
+
+    The nodes' ``device=`` arguments are those export recorded from a GPU run (``torch.zeros(n, device=x.device)``).
+    """
+    gm.cpu()
+    changed = False
+    for node in gm.graph.nodes:
+        device = node.kwargs.get("device")
+        if isinstance(device, torch.device) and device.type != "cpu":
+            node.update_kwarg("device", torch.device("cpu"))
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def export(

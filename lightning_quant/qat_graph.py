@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _fast_qat, _torchao
-from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export
+from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu
 from lightning_quant.config import QuantConfig
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
@@ -166,10 +166,13 @@ class QATGraph(nn.Module):
         was_training = module.training
         module.train()
         try:
-            self.example_inputs = detach_inputs(args, kwargs)
+            self.example_inputs = detach_inputs(args, kwargs)  # CPU copies, for checkpoints and the int8 export
             self._normalize = CallNormalizer(module, args, kwargs)
             shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
-            ep = export(shell, *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name)
+            # traced where the Parameters are (a GPU): inputs restored from a checkpoint come in on the CPU
+            device = next((p.device for p in module.parameters()), None)
+            live = detach_inputs(*self.example_inputs, device=device)
+            ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
         finally:
             module.train(was_training)
         quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True, per_channel=self.config.per_channel)
@@ -264,7 +267,7 @@ class QATGraph(nn.Module):
                 f"observers were frozen before its first training batch. Keep {self.name!r} in train mode while it "
                 "trains (call `.train()` on it, e.g. in `on_train_epoch_start`), and freeze observers later."
             )
-        gm = copy.deepcopy(self.gm).cpu()
+        gm = graph_to_cpu(copy.deepcopy(self.gm))
         _fast_qat.uninstall(gm)  # convert_pt2e pattern-matches torchao's own QAT graph
         set_graph_training(gm, False)
         q = strip_unused_attrs(_torchao.convert(gm))

@@ -57,11 +57,11 @@ def test_speed_quick(tmp_path: Path) -> None:
     for q in results["qat_step"].values():
         assert _positive(q["fp32_step_ms"]) and _positive(q["qat_step_ms"]) and _positive(q["ratio"])
         sep, same = q["separate_processes"], q["same_process"]
-        assert q["ratio"] == sep["ratio"] == pytest.approx(sep["qat_step_ms"] / sep["fp32_step_ms"], abs=2e-3)
         assert len(sep["fp32_runs_ms"]) == len(sep["qat_runs_ms"]) == results["settings"]["qat_processes"]
+        assert sep["glibc_tunables"] == ["None"]  # the baseline runs with glibc's defaults
+        assert len(same["fp32_runs_ms"]) == len(same["qat_runs_ms"]) == 1
         for m in (sep, same):
             assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]) and _positive(m["ratio"]), m
-            assert m["fp32_faults_per_step"] >= 0 and m["qat_faults_per_step"] >= 0, m
     points = results["ptq_time"]["points"]
     assert len(points) == len(results["settings"]["ptq_sizes"]) and all(_positive(p["seconds"]) for p in points)
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
@@ -69,3 +69,11 @@ def test_speed_quick(tmp_path: Path) -> None:
     assert md == speed.render_markdown(results)
     assert all(label in md for label in speed.ROUTES.values())
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_qat_step_worker_failure_names_the_worker():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import qat_step
+
+    with pytest.raises(RuntimeError, match=r"QAT step worker .*no-such-net.* failed \(exit 1\)"):
+        qat_step.separate_processes("no-such-net", processes=1, batch=2, threads=1, repeats=1, steps=1)

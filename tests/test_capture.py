@@ -9,7 +9,7 @@ import torchmetrics
 from helpers import DataDependent, KwargsNet, TinyConvNet
 from torch import nn
 
-from lightning_quant.capture import CaptureError, default_targets, export, resolve_targets, swapped
+from lightning_quant.capture import CaptureError, default_targets, export, graph_to_cpu, resolve_targets, swapped
 
 # ------------------------------------------------------------------------------------------ LightningModules
 
@@ -260,3 +260,22 @@ def test_export_kwargs_share_one_dynamic_batch_dim():
     ep = export(net, (), {"x": torch.randn(4, 16), "mask": torch.ones(4, 4)}, max_batch_size=32, name="self")
     x, mask = torch.randn(7, 16), torch.rand(7, 4)
     torch.testing.assert_close(ep.module()(x=x, mask=mask), net(x, mask=mask))
+
+
+class _MakesTensors(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.ones(x.shape[1], device=x.device)
+
+
+def test_graph_to_cpu_moves_devices_recorded_in_the_graph():
+    # export records `device=x.device` as a constant; a graph traced on a GPU names cuda:0 in its nodes
+    x = torch.randn(2, 3)
+    gm = torch.export.export(_MakesTensors(), (x,)).module()
+    made = [n for n in gm.graph.nodes if "device" in n.kwargs]
+    assert made
+    for node in made:
+        node.update_kwarg("device", torch.device("cuda", 0))
+    gm.recompile()
+    assert graph_to_cpu(gm) is gm
+    assert all(n.kwargs["device"] == torch.device("cpu") for n in made)
+    torch.testing.assert_close(gm(x), x + 1)

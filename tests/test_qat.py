@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
 
-from lightning_quant import QATCallback, QATGraph, _torchao
+from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
 
 
@@ -223,6 +223,17 @@ def test_qat_on_layers_defined_on_the_lightning_module(tmp_path):
         model(x, temperature=2.0)
 
 
+def test_capture_traces_where_the_parameters_are():
+    # Inputs restored from a checkpoint, and the CPU copies kept for export, are on the CPU while the Parameters may be
+    # on a GPU; the capture must trace on the Parameters' device. "meta" stands in for the GPU (CI has none).
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train().to("meta")
+    graph = QATGraph(net, "model", QuantConfig())
+    graph.capture((torch.randn(2, 1, 8, 8),), {})
+    assert graph.captured
+    assert {p.device.type for p in graph.gm.parameters()} == {"meta"}
+    assert graph.example_inputs[0][0].device.type == "cpu"
+
+
 def test_graph_helpers_flip_only_the_training_literal():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.01), nn.Dropout(0.2)).train()
     gm = torch.export.export(net, (torch.randn(2, 1, 6, 6),)).module()
@@ -235,6 +246,71 @@ def test_graph_helpers_flip_only_the_training_literal():
     set_graph_training(prepared, True, bn_frozen=True)
     args = {str(n.target): n.args for n in prepared.graph.nodes if n.op == "call_function"}
     assert args["aten.batch_norm.default"][5] is False and args["aten.dropout.default"][2] is True
+
+
+# ---------------------------------------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+
+
+class DeviceProbe(Callback):
+    """Per epoch, at its first training batch: devices of the Parameters and of the fake-quant buffers."""
+
+    def __init__(self) -> None:
+        self.devices: dict[int, tuple[set[str], set[str]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            buffers = {b.device.type for fq in _fake_quants(pl_module) for b in fq.buffers()}
+            self.devices[trainer.current_epoch] = ({p.device.type for p in pl_module.parameters()}, buffers)
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qat_cuda")
+    # TF32 convolutions would put the GPU's fake-quant values in other int8 bins than the CPU artifact's
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        pl.seed_everything(0)
+        model = DropoutNet()
+        qat = QATCallback(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3, dirpath=str(tmp / "q"))
+        probe, devices = Probe(), DeviceProbe()
+        trainer = _fit(model, [qat, probe, devices], tmp, max_epochs=4, accelerator="gpu", devices=1)
+        yield model, qat, probe, devices, trainer, tmp
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_qat_trains_on_cuda(cuda_run):
+    model, _, probe, devices, _, _ = cuda_run
+    assert probe.swapped_at_train_start == {0: False, 1: True, 2: True, 3: True}
+    assert devices.devices[0] == ({"cuda"}, set())
+    assert all(devices.devices[e] == ({"cuda"}, {"cuda"}) for e in (1, 2, 3)), devices.devices
+    assert probe.identity_after_swap[1] == (True, True)  # same Parameters and momentum buffers after the swap
+    assert probe.lrs == pytest.approx({0: 0.05, 1: 0.025, 2: 0.0125, 3: 0.00625})
+    obs_changed = {e: c[0] for e, c in probe.epoch_changes.items()}
+    bn_changed = {e: c[1] for e, c in probe.epoch_changes.items()}
+    assert len(obs_changed[2]) >= 4 and obs_changed[3] == []
+    assert bn_changed[1] and bn_changed[2] == [] and bn_changed[3] == []
+    assert probe.val_changes and all(c == [] for c in probe.val_changes)
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_qat_from_cuda_exports_on_cpu_and_trains_on(cuda_run):
+    model, qat, _, _, trainer, tmp = cuda_run
+    assert "val_acc_int8" in trainer.callback_metrics
+    x = _data(16, seed=5).tensors[0]
+    model.cuda().eval()  # Lightning moves the model to the CPU when fit ends
+    with torch.no_grad():
+        fake_quant = model.model(x.cuda()).cpu()
+    diff = _fresh_process_parity(qat.report.artifacts["model"], x, fake_quant, tmp)
+    step = float(fake_quant.max() - fake_quant.min()) / 255
+    assert diff <= 2 * step + 1e-4, (diff, step)
+    _fit(model, [], tmp, max_epochs=1, accelerator="gpu", devices=1)
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
