@@ -810,8 +810,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             if not same:
                 continue
             ptq = max(p["agreement"] for p in same)
-            ref = [p["agreement"] for p in corrected(en["ptq"]) if p["backend"] == r["backend"]]
-            best = max(ref)  # what PTQ reaches on this backend with the best weights (per-channel)
+            ref = [
+                p["agreement"]
+                for p in corrected(en["ptq"])
+                if p["backend"] == r["backend"] and p["granularity"] == "per_channel"
+            ]
+            best = max(ref, default=0.0)  # what per-channel PTQ (the default) reaches on this backend
             gained = r["agreement"] - ptq
             recovered = (
                 f"; {gained / (best - ptq) * 100:.0f}% of the {(best - ptq) * 100:.1f} points it loses to the best "

@@ -138,7 +138,10 @@ def _run_worker(name: str, kinds: list[str], kw: dict[str, int], env: dict[str, 
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"QAT step worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as err:
+        raise RuntimeError(f"QAT step worker {args} printed no result: {lines[-1][:200]!r}") from err
 
 
 def _summary(method: str, fp32: list[dict[str, float]], qat: list[dict[str, float]], **extra: Any) -> dict[str, Any]:

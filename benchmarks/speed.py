@@ -769,9 +769,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "Ratio of medians; target at most 1.5×. Separate processes: fp32 training and QAT training each in fresh "
             "processes, as a user runs them (alternating, several of each); on glibc both pay page faults (memory "
             "freed between steps comes back from the kernel as fresh pages). Same process: both models in one "
-            "process, interleaved (the method of earlier runs); the fp32 steps then reuse the heap the QAT graph grew "
-            "and run without page faults while the QAT steps may still fault. Where neither side faults, the ratio "
-            "is the fake-quant compute alone (`benchmarks/qat_step.py --hugetlb` measures that too).",
+            "process, interleaved (the method of earlier runs); there the two models' allocations interfere, and the "
+            "fp32 steps fault far less than the QAT steps. `benchmarks/qat_step.py --hugetlb` also measures each "
+            "alone with few faults on either side.",
             "",
             "| net | batch | threads | fp32 step | QAT step | ratio, separate processes | page faults/step "
             "fp32 / QAT | same process: fp32, QAT | ratio, same process | page faults/step fp32 / QAT |",

@@ -234,20 +234,27 @@ def detach_inputs(args: tuple, kwargs: dict, device: torch.device | str | None =
     return tree_map(det, args), tree_map(det, kwargs)
 
 
-def graph_to_cpu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Move ``gm``'s parameters, buffers and the devices its nodes name to the CPU, in place; returns ``gm``.
+def retarget_devices(gm: torch.fx.GraphModule, device: torch.device | str) -> int:
+    """Point the devices ``gm``'s nodes name at ``device``; returns how many nodes changed (recompiled if any).
 
-    The nodes' ``device=`` arguments are those export recorded from a GPU run (``torch.zeros(n, device=x.device)``).
+    Export records the devices it traced on in the graph (``torch.zeros(n, device=x.device)``, the device check of
+    ``x.float()``); moving the weights alone leaves those behind.
     """
-    gm.cpu()
-    changed = False
+    device = torch.device(device)
+    changed = 0
     for node in gm.graph.nodes:
-        device = node.kwargs.get("device")
-        if isinstance(device, torch.device) and device.type != "cpu":
-            node.update_kwarg("device", torch.device("cpu"))
-            changed = True
+        recorded = node.kwargs.get("device")
+        if isinstance(recorded, torch.device) and recorded != device:
+            node.update_kwarg("device", device)
+            changed += 1
     if changed:
         gm.recompile()
+    return changed
+
+
+def graph_to_cpu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Move ``gm``'s parameters, buffers and the devices its nodes name to the CPU, in place; returns ``gm``."""
+    retarget_devices(gm.cpu(), "cpu")
     return gm
 
 

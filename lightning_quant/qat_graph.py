@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _fast_qat, _torchao
-from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu
+from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu, retarget_devices
 from lightning_quant.config import QuantConfig
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
@@ -119,6 +119,7 @@ class QATGraph(nn.Module):
         self.observers_frozen = False
         self._graph_training: bool | None = None
         self._fake_quants: list[nn.Module] = []
+        self._shared_buffers: dict[str, str] = {}  # float module buffer name -> the graph's buffer of the same tensor
 
     @property
     def float_module(self) -> nn.Module:
@@ -160,8 +161,29 @@ class QATGraph(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- capture
 
-    def capture(self, args: tuple, kwargs: dict) -> None:
-        """Export the float module in train mode from ``(args, kwargs)`` and prepare it for QAT."""
+    def _apply(self, fn: Any, recurse: bool = True) -> QATGraph:
+        """``.to()``/``.cuda()``/``.double()``: also keep the float module and the graph's recorded devices in step.
+
+        After capture the float module is no longer a child; its Parameters are the graph's (moved in place), but a
+        move replaces buffer tensors, so its buffers are pointed at the graph's moved ones. The devices export recorded
+        in the graph follow the Parameters.
+        """
+        super()._apply(fn, recurse)
+        if self.gm is not None:
+            buffers = dict(self.gm.named_buffers())
+            for name, graph_name in self._shared_buffers.items():
+                owner, _, attr = name.rpartition(".")
+                self.float_module.get_submodule(owner)._buffers[attr] = buffers[graph_name]
+            device = next((p.device for p in self.gm.parameters()), None)
+            if device is not None:
+                retarget_devices(self.gm, device)
+        return self
+
+    def capture(self, args: tuple, kwargs: dict, device: torch.device | None = None) -> None:
+        """Export the float module in train mode from ``(args, kwargs)`` and prepare it for QAT.
+
+        ``device``: where to trace the tensors of ``(args, kwargs)`` (default: where they are).
+        """
         module = self.float_module
         was_training = module.training
         module.train()
@@ -169,9 +191,7 @@ class QATGraph(nn.Module):
             self.example_inputs = detach_inputs(args, kwargs)  # CPU copies, for checkpoints and the int8 export
             self._normalize = CallNormalizer(module, args, kwargs)
             shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
-            # traced where the Parameters are (a GPU): inputs restored from a checkpoint come in on the CPU
-            device = next((p.device for p in module.parameters()), None)
-            live = detach_inputs(*self.example_inputs, device=device)
+            live = detach_inputs(args, kwargs, device=device)
             ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
         finally:
             module.train(was_training)
@@ -187,6 +207,8 @@ class QATGraph(nn.Module):
         self._modules.pop("source", None)
         self._keep_example(*self.example_inputs)
         self.gm = gm
+        graph_buffers = {id(b): n for n, b in gm.named_buffers()}
+        self._shared_buffers = {n: graph_buffers[id(b)] for n, b in module.named_buffers() if id(b) in graph_buffers}
         self._fake_quants = [m for m in gm.modules() if _torchao.is_fake_quantize(m)][:1]  # a list: not a child
         self._graph_training = None
         if self.observers_frozen:
@@ -241,7 +263,8 @@ class QATGraph(nn.Module):
             example = self.example_from_state_dict(state_dict, prefix)
             if example is None:
                 return False
-            self.capture(*example)
+            # checkpoints load on the CPU; trace where the Parameters are now (moved later, the graph follows them)
+            self.capture(*example, device=next((p.device for p in self.float_module.parameters()), None))
             self.set_extra_state(state_dict[prefix + "_extra_state"])
         return True
 

@@ -223,15 +223,45 @@ def test_qat_on_layers_defined_on_the_lightning_module(tmp_path):
         model(x, temperature=2.0)
 
 
-def test_capture_traces_where_the_parameters_are():
-    # Inputs restored from a checkpoint, and the CPU copies kept for export, are on the CPU while the Parameters may be
-    # on a GPU; the capture must trace on the Parameters' device. "meta" stands in for the GPU (CI has none).
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train().to("meta")
-    graph = QATGraph(net, "model", QuantConfig())
-    graph.capture((torch.randn(2, 1, 8, 8),), {})
-    assert graph.captured
+def _conv_bn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+
+
+class _MakesZeros(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _conv_bn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y + torch.zeros(y.shape[1], 1, 1, device=y.device)  # export records the device in the graph
+
+
+def test_capture_from_a_checkpoint_traces_where_the_parameters_are():
+    # Checkpoints load on the CPU while the Parameters may be on a GPU already; "meta" stands in for the GPU (CI has
+    # none). Before, the CPU inputs were traced against the moved Parameters: a device mismatch.
+    source = QATGraph(_conv_bn(), "model", QuantConfig())
+    source(torch.randn(2, 1, 8, 8))
+    graph = QATGraph(_conv_bn().to("meta"), "model", QuantConfig())
+    assert graph.capture_from_state_dict(source.state_dict(), "")
     assert {p.device.type for p in graph.gm.parameters()} == {"meta"}
     assert graph.example_inputs[0][0].device.type == "cpu"
+
+
+def test_moving_a_captured_graph_moves_the_float_module_and_the_recorded_devices():
+    net = _MakesZeros()
+    graph = QATGraph(net, "model", QuantConfig())
+    graph(torch.randn(2, 1, 8, 8))
+    graph.double()  # a move replaces buffer tensors; the float module (no longer a child) must follow
+    graph_buffers = dict(graph.gm.named_buffers())
+    assert graph._shared_buffers and set(graph._shared_buffers) == {n for n, _ in net.named_buffers()}
+    assert all(b is graph_buffers[graph._shared_buffers[n]] for n, b in net.named_buffers())
+    assert net.body[1].running_mean.dtype == torch.float64 and net.body[0].weight.dtype == torch.float64
+    recorded = [n for n in graph.gm.graph.nodes if isinstance(n.kwargs.get("device"), torch.device)]
+    assert recorded
+    graph.to("meta")  # stands in for .cuda(): the devices export recorded follow the Parameters
+    assert all(n.kwargs["device"] == torch.device("meta") for n in recorded)
+    assert net.body[1].running_var.device.type == "meta"
 
 
 def test_graph_helpers_flip_only_the_training_literal():
@@ -310,7 +340,11 @@ def test_qat_from_cuda_exports_on_cpu_and_trains_on(cuda_run):
     diff = _fresh_process_parity(qat.report.artifacts["model"], x, fake_quant, tmp)
     step = float(fake_quant.max() - fake_quant.min()) / 255
     assert diff <= 2 * step + 1e-4, (diff, step)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    model.train()
     _fit(model, [], tmp, max_epochs=1, accelerator="gpu", devices=1)
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k].cpu(), after[k].cpu())], "nothing trained"
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
