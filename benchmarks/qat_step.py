@@ -209,6 +209,9 @@ def allocator() -> dict[str, Any]:
         "libc": " ".join(platform.libc_ver()),
         "transparent_hugepage": thp.read_text().strip() if thp.exists() else None,
         "inherited_glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        # passed on to the workers as they are: another allocator, or glibc's own MALLOC_*_ settings
+        "ld_preload": os.environ.get("LD_PRELOAD"),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 

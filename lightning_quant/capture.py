@@ -223,7 +223,10 @@ def widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def detach_inputs(args: tuple, kwargs: dict, device: torch.device | str | None = "cpu") -> tuple[tuple, dict]:
-    """Detached copies of the tensors in ``(args, kwargs)``, moved to ``device`` (``None``: left where they are)."""
+    """``(args, kwargs)`` with their tensors detached and moved to ``device`` (``None``: left where they are).
+
+    A tensor already on ``device`` is not copied: the result shares its storage.
+    """
 
     def det(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
