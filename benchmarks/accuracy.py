@@ -747,6 +747,14 @@ def corrected(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("bias_correction", True)]
 
 
+def best_ptq_agreement(en: dict[str, Any], backend: str, granularity: str) -> float | None:
+    """EfficientNet-Lite0's best PTQ agreement (bias-corrected, any calibration size) for these settings, if run."""
+    return max(
+        (r["agreement"] for r in corrected(en["ptq"]) if (r["backend"], r["granularity"]) == (backend, granularity)),
+        default=None,
+    )
+
+
 def _noise_floor_text(en: dict[str, Any]) -> str:
     nf = en["fp32"].get("noise_floor")
     if not nf:
@@ -804,18 +812,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         images = en.get("images", {}).get("evaluation")
         for r in en["qat"]:
-            same = [
-                p for p in corrected(en["ptq"]) if (p["backend"], p["granularity"]) == (r["backend"], r["granularity"])
-            ]
-            if not same:
+            ptq = best_ptq_agreement(en, r["backend"], r["granularity"])
+            if ptq is None:
                 continue
-            ptq = max(p["agreement"] for p in same)
-            ref = [
-                p["agreement"]
-                for p in corrected(en["ptq"])
-                if p["backend"] == r["backend"] and p["granularity"] == "per_channel"
-            ]
-            best = max(ref, default=0.0)  # what per-channel PTQ (the default) reaches on this backend
+            best = best_ptq_agreement(en, r["backend"], "per_channel") or 0.0  # what the default PTQ reaches
             gained = r["agreement"] - ptq
             recovered = (
                 f"; {gained / (best - ptq) * 100:.0f}% of the {(best - ptq) * 100:.1f} points it loses to the best "
@@ -1123,15 +1123,11 @@ def _verdict(results: dict[str, Any]) -> str:
                     f"{on[0]['agreement'] * 100:.1f}%."
                 )
         for r in en["qat"]:
-            ptq = [
-                p["agreement"]
-                for p in corrected(en["ptq"])
-                if (p["backend"], p["granularity"]) == (r["backend"], r["granularity"])
-            ]
-            if ptq:
+            ptq = best_ptq_agreement(en, r["backend"], r["granularity"])
+            if ptq is not None:
                 lines.append(
                     f"EfficientNet-Lite0, {r['granularity']} QAT on {r['backend']}: agreement "
-                    f"{r['agreement'] * 100:.1f}% vs {max(ptq) * 100:.1f}% for the best PTQ with the same weights."
+                    f"{r['agreement'] * 100:.1f}% vs {ptq * 100:.1f}% for the best PTQ with the same weights."
                 )
     return "\n".join(f"- {x}" for x in lines)
 
