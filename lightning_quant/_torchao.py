@@ -390,9 +390,98 @@ def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -
         return q.prepare_qat_pt2e(gm, quantizer)
 
 
+_BN_EPS_KEY = "lightning_quant_bn_eps"
+
+
+def _bn_eps_index(node: torch.fx.Node) -> int | None:
+    """The position of ``eps`` among a batch norm node's arguments (``None`` for other nodes)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if "batch_norm" not in node.target.__name__:
+        return None
+    names = [a.name for a in node.target._schema.arguments]
+    return names.index("eps") if "eps" in names else None
+
+
+def _set_bn_eps(node: torch.fx.Node, eps: float) -> None:
+    index = _bn_eps_index(node)
+    if index is None:
+        return
+    if len(node.args) > index:
+        node.args = (*node.args[:index], eps, *node.args[index + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, "eps": eps}
+
+
+@contextlib.contextmanager
+def _fold_with_the_graphs_bn_eps(prepared: torch.fx.GraphModule) -> Iterator[None]:
+    """Fold each Conv+BN pair of a QAT graph with its own BatchNorm ``eps``, not torchao's ``1e-5``.
+
+    ``convert_pt2e`` (torchao 0.18) replaces the QAT Conv+BN pattern by a conv + batch norm whose literals come from
+    its pattern function (``eps=1e-5``; "TODO: allow setting eps"), and folds the batch norm into the conv weight
+    with that eps. The fake-quant model trained with the module's eps, so for ``eps != 1e-5`` and channels of small
+    running variance the int8 model computed another function (EfficientNet-Lite0, ``eps=1e-3``: the converted model
+    agreed with its own fake-quant model on 83% of images). The replacement batch norm inherits the matched node's
+    ``meta``: the eps is recorded there and written back just before the fold.
+    """
+    from torchao.quantization.pt2e import qat_utils
+
+    for node in prepared.graph.nodes:
+        index = _bn_eps_index(node)
+        if index is not None and len(node.args) > index:
+            node.meta[_BN_EPS_KEY] = float(node.args[index])
+        elif index is not None and "eps" in node.kwargs:
+            node.meta[_BN_EPS_KEY] = float(node.kwargs["eps"])
+    original = qat_utils.fold_bn_weights_into_conv_node
+
+    def fold(conv_node: Any, conv_weight_node: Any, conv_bias_node: Any, bn_node: Any, *args: Any, **kwargs: Any):
+        eps = bn_node.meta.get(_BN_EPS_KEY)
+        if eps is not None:
+            _set_bn_eps(bn_node, eps)
+        return original(conv_node, conv_weight_node, conv_bias_node, bn_node, *args, **kwargs)
+
+    qat_utils.fold_bn_weights_into_conv_node = fold
+    try:
+        yield
+    finally:
+        qat_utils.fold_bn_weights_into_conv_node = original
+
+
+def _trained_qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero point ``fq`` fake-quantizes with, in the dtypes and shapes its observer would return."""
+    scale, zero_point = type(fq).calculate_qparams(fq)
+    return (
+        fq.scale.detach().to(scale.dtype).reshape(scale.shape).clone(),
+        fq.zero_point.detach().to(zero_point.dtype).reshape(zero_point.shape).clone(),
+    )
+
+
+def use_trained_qparams(prepared: nn.Module) -> int:
+    """Make ``convert_pt2e`` quantize with the scales and zero points the fake-quant model used, in place.
+
+    ``convert_pt2e`` asks each fake-quantize module's observer for fresh qparams (``calculate_qparams``). ATen's fused
+    fake-quantize op, which computed the ones the model trained with, uses another formula for symmetric ranges
+    (``|min|/128`` or ``max/127`` where the observer takes ``max(|min|, max)/127.5``) and its own zero-point nudging;
+    so every per-channel weight of an x86 QAT model was requantized on a grid ~0.4% off the trained one (one step
+    apart for many weights: EfficientNet-Lite0's stem moved by up to 35 of 255 output steps). Returns the number of
+    modules switched. (Fixed upstream after torchao 0.18 by pytorch/ao#4824, behind a flag.)
+    """
+    n = 0
+    for m in prepared.modules():
+        if is_fake_quantize(m) and isinstance(getattr(m, "scale", None), torch.Tensor):
+            m.calculate_qparams = functools.partial(_trained_qparams, m)
+            n += 1
+    return n
+
+
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``convert_pt2e``; it mutates its input in place, so callers pass a copy they own."""
-    with _cached_conv_bn_patterns():
+    """``convert_pt2e``, with the qparams and BatchNorm eps a fake-quant model used.
+
+    It mutates its input in place, so callers pass a copy they own.
+    """
+    use_trained_qparams(prepared)
+    # the lock (re-entrant) also guards the patched fold: two threads patching at once could leave it installed
+    with _PATTERN_LOCK, _fold_with_the_graphs_bn_eps(prepared), _cached_conv_bn_patterns():
         return _pt2e().quantize_pt2e.convert_pt2e(prepared)
 
 

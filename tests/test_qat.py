@@ -460,6 +460,88 @@ def test_per_tensor_qat_trains_with_one_weight_scale_and_converts(backend):
 _WEIGHT_QSCHEMES = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
 
 
+class _SmallVarianceNet(nn.Module):
+    """Conv-BN-ReLU, depthwise Conv-BN, 1x1 Conv-BN, Linear; BatchNorm ``eps=1e-3`` and running variances from far
+    below to far above it, as in pretrained nets (EfficientNet-Lite0's stem has channels of variance 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8, eps=1e-3)
+        self.conv2 = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8, eps=1e-3)
+        self.conv3 = nn.Conv2d(8, 6, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(6, eps=1e-3)
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2, self.bn3):
+                bn.running_var.copy_(torch.logspace(-5, 0, bn.num_features))
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _constant_weights(q: torch.fx.GraphModule) -> dict[tuple, torch.Tensor]:
+    """The dequantized int8 weights of a converted graph (dequantize nodes of constants), by shape."""
+    qd = torch.ops.quantized_decomposed
+    out = {}
+    for node in q.graph.nodes:
+        if node.target not in (qd.dequantize_per_channel.default, qd.dequantize_per_tensor.default):
+            continue
+        if getattr(node.args[0], "op", None) != "get_attr":
+            continue  # an activation
+        args = [q.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a for a in node.args]
+        out[tuple(args[0].shape)] = node.target(*args)
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_int8_weights_are_the_fake_quantized_weights_the_model_trained_with(backend, granularity):
+    """Convert quantizes with the scales the fake-quant model used and folds BN with the module's eps.
+
+    torchao's convert recomputed scales with the observer's formula (ATen's fused fake-quantize uses another for
+    symmetric ranges: per-channel weights landed on a grid ~0.4% off, many one step away) and folded BN with
+    ``eps=1e-5``.
+    """
+    torch.manual_seed(0)
+    graph = QATGraph(_SmallVarianceNet(), "model", QuantConfig(backend=backend, weight_granularity=granularity))
+    graph.train().freeze_bn()
+    opt = torch.optim.SGD(graph.parameters(), lr=0.01)
+    x = _data(32, seed=1).tensors[0]
+    for _ in range(3):
+        opt.zero_grad()
+        graph(x).square().mean().backward()
+        opt.step()
+    graph.eval()
+    trained = {}
+
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        trained[tuple(out.shape)] = out.detach().clone()
+
+    hooks = [m.register_forward_hook(keep) for m in _fake_quants(graph) if m.qscheme in _WEIGHT_QSCHEMES]
+    with torch.no_grad():
+        fake = graph(x)
+    for h in hooks:
+        h.remove()
+    q = graph.convert()
+    int8 = _constant_weights(q)
+    assert sorted(int8) == sorted(trained) == [(4, 6), (6, 8, 1, 1), (8, 1, 3, 3), (8, 1, 5, 5)]
+    for shape, w in trained.items():
+        step = (w.flatten(1) if w.ndim > 1 else w).diff(dim=-1).abs().max()  # an upper bound of the grid step
+        moved = (int8[shape] - w).abs() > 1e-6 * w.abs().max()
+        # ulp-level folding differences may flip a weight sitting exactly between two levels; not more
+        assert moved.float().mean() <= 0.02, (shape, moved.float().mean())
+        assert (int8[shape] - w).abs().max() <= step
+    with torch.no_grad():
+        out_step = float(fake.max() - fake.min()) / 255
+        assert (q(x) - fake).abs().max() <= 2 * out_step
+
+
 class _SamePadConv(nn.Conv2d):
     """A Conv2d subclass with its own forward (as EfficientNet's ``Conv2dStaticSamePadding``)."""
 
