@@ -8,7 +8,8 @@
   ATen's: the gradient times the in-range mask (straight-through inside ``[quant_min, quant_max]``, zero outside).
   Only non-finite inputs can differ: ATen maps NaN to ``quant_min`` (here it stays NaN; its gradient is zero in both),
   and its per-channel kernel casts ``±inf`` to int64 before clamping (undefined; ``quant_min`` on x86), where here
-  ``±inf`` clamps to ``quant_max``/``quant_min`` as in ATen's per-tensor kernel.
+  ``±inf`` clamps to ``quant_max``/``quant_min`` as in ATen's per-tensor kernel. bf16/fp16 inputs (autocast), which
+  ATen's op refuses, are fake-quantized in float32 and come back as float32.
 * The Conv+BN QAT pattern divides the conv output by the per-channel BN scale: a full-size pass forward and three
   backward. A convolution is linear in its weight and each output channel has its own filter, so
   ``conv(x, w) / s == conv(x, w / s[:, None, None, None])`` (without bias, or torchao's zero bias): the division moves
@@ -32,6 +33,7 @@ from lightning_quant import _torchao
 aten = torch.ops.aten
 _CONV = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
 _RESHAPE = (aten.reshape.default, aten.view.default)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------------ fake quant
@@ -66,6 +68,10 @@ def fused_moving_avg_fake_quant(fq: torch.nn.Module, x: torch.Tensor) -> torch.T
 
     Those are: fake quantization switched off, non-float32 or empty inputs, per-channel along another axis than 0.
     """
+    if x.dtype in _HALF:
+        # mixed precision (autocast): ATen's fused op takes float32 only ("expected scalar type Float but found
+        # BFloat16"); quantize in float32, which int8 levels and scales need anyway, and hand back float32
+        return fused_moving_avg_fake_quant(fq, x.float())
     if x.dtype != torch.float32 or x.numel() == 0 or not fq.fake_quant_enabled.item():
         return None
     obs = fq.activation_post_process

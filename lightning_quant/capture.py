@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -261,6 +261,22 @@ def graph_to_cpu(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+@contextmanager
+def autocast_off() -> Iterator[None]:
+    """Switch off any active ``torch.autocast`` (Lightning's ``precision="bf16-mixed"``/``"16-mixed"``) for a trace.
+
+    Exported under autocast, the graph records bf16/fp16 tensor types without the casts that made them, and
+    ``convert_pt2e`` then writes ``out_dtype=bfloat16`` into the int8 graph's dequantize nodes: its linear layers failed
+    with "mat1 and mat2 must have the same dtype". Traced in the module's own dtype, the graph still runs under
+    autocast while it trains (its ops go through the dispatcher like any others).
+    """
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def export(
     module: nn.Module, args: tuple, kwargs: dict, *, max_batch_size: int, name: str, strict: bool = False
 ) -> torch.export.ExportedProgram:
@@ -275,7 +291,8 @@ def export(
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
     try:
         dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
-        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
+        with autocast_off():
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise CaptureError(

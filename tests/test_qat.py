@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
 
-from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao
+from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao, load
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
 
 
@@ -177,6 +177,37 @@ def test_metrics_and_artifact_after_fit(qat_run):
     # the LightningModule is still a trainable fake-quant model after export
     assert isinstance(model.model, QATGraph)
     _fit(model, [], qat_run[4], max_epochs=1)
+
+
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_qat_under_bf16_mixed_precision_trains_in_bf16_and_exports_float32(backend, tmp_path):
+    """The capture runs inside Lightning's autocast; the int8 graph must not inherit its bf16 tensor types."""
+    pl.seed_everything(0)
+    model = DropoutNet()
+    # no BatchNorm (autocast runs it in float32): the first fake-quantize sees the conv's bf16 output
+    model.model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 4))
+    seen = set()
+
+    class RecordDtypes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if isinstance(pl_module.model, QATGraph) and pl_module.model.captured and not seen:
+                for fq in _fake_quants(pl_module.model):
+                    fq.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype) if m.training else None)
+
+    qat = QATCallback(backend=backend, start_epoch=0, dirpath=str(tmp_path))
+    trainer = _fit(model, [qat, RecordDtypes()], tmp_path, max_epochs=1, precision="bf16-mixed")
+    assert torch.bfloat16 in seen  # the fake-quant graph really trained under autocast
+    assert "val_acc_int8" in trainer.callback_metrics
+    q = model.model.convert()
+    assert not [n for n in q.graph.nodes if "out_dtype" in n.kwargs]
+    x = _data(16, seed=5).tensors[0]
+    model.eval()
+    with torch.no_grad():
+        fake_quant = model.model(x)
+        int8 = load(qat.report.artifacts["model"])(x)
+    assert int8.dtype == fake_quant.dtype == torch.float32
+    step = float(fake_quant.max() - fake_quant.min()) / 255
+    assert (int8 - fake_quant).abs().max() <= 2 * step + 1e-5
 
 
 def _fresh_process_parity(artifact, x, expected, tmp_path):
