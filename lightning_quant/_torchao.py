@@ -393,24 +393,37 @@ def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -
 _BN_EPS_KEY = "lightning_quant_bn_eps"
 
 
-def _bn_eps_index(node: torch.fx.Node) -> int | None:
-    """The position of ``eps`` among a batch norm node's arguments (``None`` for other nodes)."""
+def _bn_eps_arg(node: torch.fx.Node) -> tuple[int, str] | None:
+    """Position and name of a batch norm node's eps argument (``None`` for other nodes)."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     if "batch_norm" not in node.target.__name__:
         return None
     names = [a.name for a in node.target._schema.arguments]
-    return names.index("eps") if "eps" in names else None
+    for name in ("eps", "epsilon"):  # cudnn_batch_norm and miopen_batch_norm say "epsilon"
+        if name in names:
+            return names.index(name), name
+    return None
+
+
+def _get_bn_eps(node: torch.fx.Node) -> float | None:
+    arg = _bn_eps_arg(node)
+    if arg is None:
+        return None
+    index, name = arg
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+    return None if value is None else float(value)
 
 
 def _set_bn_eps(node: torch.fx.Node, eps: float) -> None:
-    index = _bn_eps_index(node)
-    if index is None:
+    arg = _bn_eps_arg(node)
+    if arg is None:
         return
+    index, name = arg
     if len(node.args) > index:
         node.args = (*node.args[:index], eps, *node.args[index + 1 :])
     else:
-        node.kwargs = {**node.kwargs, "eps": eps}
+        node.kwargs = {**node.kwargs, name: eps}
 
 
 @contextlib.contextmanager
@@ -427,11 +440,9 @@ def _fold_with_the_graphs_bn_eps(prepared: torch.fx.GraphModule) -> Iterator[Non
     from torchao.quantization.pt2e import qat_utils
 
     for node in prepared.graph.nodes:
-        index = _bn_eps_index(node)
-        if index is not None and len(node.args) > index:
-            node.meta[_BN_EPS_KEY] = float(node.args[index])
-        elif index is not None and "eps" in node.kwargs:
-            node.meta[_BN_EPS_KEY] = float(node.kwargs["eps"])
+        eps = _get_bn_eps(node)
+        if eps is not None:
+            node.meta[_BN_EPS_KEY] = eps
     original = qat_utils.fold_bn_weights_into_conv_node
 
     def fold(conv_node: Any, conv_weight_node: Any, conv_bias_node: Any, bn_node: Any, *args: Any, **kwargs: Any):
@@ -447,13 +458,25 @@ def _fold_with_the_graphs_bn_eps(prepared: torch.fx.GraphModule) -> Iterator[Non
         qat_utils.fold_bn_weights_into_conv_node = original
 
 
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
 def _trained_qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scale and zero point ``fq`` fake-quantizes with, in the dtypes and shapes its observer would return."""
+    """The scale and zero point ``fq`` fake-quantizes with, in the dtypes and shapes its observer would return.
+
+    Symmetric (weight) schemes keep a zero point of 0: where ATen's op trained a channel on another grid (all its
+    weights of one sign, or all zero: it then picks an asymmetric range, or scale 0.1 and zero point 127), that
+    channel takes the observer's symmetric scale instead. XNNPACK and oneDNN store no weight zero points and would
+    silently compute with 0.
+    """
     scale, zero_point = type(fq).calculate_qparams(fq)
-    return (
-        fq.scale.detach().to(scale.dtype).reshape(scale.shape).clone(),
-        fq.zero_point.detach().to(zero_point.dtype).reshape(zero_point.shape).clone(),
-    )
+    trained_scale = fq.scale.detach().to(scale.dtype).reshape(scale.shape)
+    trained_zero_point = fq.zero_point.detach().to(zero_point.dtype).reshape(zero_point.shape)
+    if getattr(fq, "qscheme", None) in _SYMMETRIC:
+        keep = trained_zero_point == 0
+        trained_scale = torch.where(keep, trained_scale, scale)
+        trained_zero_point = torch.where(keep, trained_zero_point, zero_point)
+    return trained_scale.clone(), trained_zero_point.clone()
 
 
 def use_trained_qparams(prepared: nn.Module) -> int:
@@ -461,7 +484,8 @@ def use_trained_qparams(prepared: nn.Module) -> int:
 
     ``convert_pt2e`` asks each fake-quantize module's observer for fresh qparams (``calculate_qparams``). ATen's fused
     fake-quantize op, which computed the ones the model trained with, uses another formula for symmetric ranges
-    (``|min|/128`` or ``max/127`` where the observer takes ``max(|min|, max)/127.5``) and its own zero-point nudging;
+    (for int8 in [-128, 127]: ``|min|/128`` or ``max/127`` where the observer takes ``max(|min|, max)/127.5``) and its
+    own zero-point nudging;
     so every per-channel weight of an x86 QAT model was requantized on a grid ~0.4% off the trained one (one step
     apart for many weights: EfficientNet-Lite0's stem moved by up to 35 of 255 output steps). Returns the number of
     modules switched. (Fixed upstream after torchao 0.18 by pytorch/ao#4824, behind a flag.)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
 
-from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao, load
+from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao, load, save
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
 
 
@@ -571,6 +571,49 @@ def test_int8_weights_are_the_fake_quantized_weights_the_model_trained_with(back
     with torch.no_grad():
         out_step = float(fake.max() - fake.min()) / 255
         assert (q(x) - fake).abs().max() <= 2 * out_step
+
+
+class _OneSignChannelsNet(nn.Module):
+    """Conv+BN whose filters 0 and 1 are all zero and all positive: ATen's fused fake-quantize trains those channels
+    on non-symmetric grids (zero point 127 with scale 0.1, or -128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.conv.weight[0] = 0
+            self.conv.weight[1] = self.conv.weight[1].abs() + 0.01
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_weight_zero_points_stay_zero_for_one_sign_and_dead_channels(backend, tmp_path):
+    """XNNPACK and oneDNN store no weight zero points: a nonzero one made the artifact compute something else."""
+    torch.manual_seed(0)
+    graph = QATGraph(_OneSignChannelsNet(), "model", QuantConfig(backend=backend)).train()
+    x = torch.randn(8, 1, 8, 8)
+    graph(x)
+    trained = [fq.zero_point.tolist() for fq in _fake_quants(graph) if fq.qscheme in _WEIGHT_QSCHEMES]
+    assert trained and any(z != 0 for z in trained[0])  # the case this test is about
+    graph.eval()
+    with torch.no_grad():
+        fake = graph(x)
+    q = graph.convert()
+    qd = torch.ops.quantized_decomposed
+    weight_dq = [n for n in q.graph.nodes if n.target == qd.dequantize_per_channel.default]
+    assert weight_dq and all(not q.get_buffer(n.args[2].target).any() for n in weight_dq)
+    path = tmp_path / ("m.pte" if backend == "arm" else "m.pt2")
+    save(q, path)
+    with torch.no_grad():
+        ref, art = q(x), load(path)(x)
+    step = float(ref.max() - ref.min()) / 255
+    assert (art - ref).abs().max() <= 2 * step  # before: 3.2-5.1 on x86, 3.2 on arm
+    # the channels trained on a symmetric grid are the fake-quant model's; the others cannot be
+    assert (ref - fake)[:, 2:].abs().max() <= 2 * step
 
 
 class _SamePadConv(nn.Conv2d):
