@@ -6,9 +6,13 @@ digits when it is absent), EfficientNet-Lite0's ImageNet weights from the ``effi
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,3 +194,38 @@ def machine() -> dict[str, Any]:
             d: _version(d) for d in ("torch", "torchao", "lightning", "executorch", "onnxruntime", "lightning-quant")
         },
     }
+
+
+# ------------------------------------------------------------------------------------------------------- workers
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_TIMEOUT_S = 1800
+
+
+def run_json_worker(
+    script: Path, payload: str, env: dict[str, str], what: str, timeout: int = WORKER_TIMEOUT_S
+) -> dict[str, Any]:
+    """Run ``python <script> --worker <payload>`` in a fresh process with exactly ``env``; its last stdout line as JSON.
+
+    Raises:
+        RuntimeError: naming ``what`` and ``payload``, when the worker times out, exits non-zero or prints no JSON.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), "--worker", payload],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{what} worker {payload} did not finish in {timeout} s") from err
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} worker {payload} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as err:
+        raise RuntimeError(f"{what} worker {payload} printed no result: {lines[-1][:200]!r}") from err

@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -121,27 +120,11 @@ def worker(name: str, kinds: list[str], batch: int, threads: int, repeats: int, 
 
 
 def _run_worker(name: str, kinds: list[str], kw: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
+    from benchmarks.common import run_json_worker
+
     args = json.dumps([name, kinds, kw["batch"], kw["threads"], kw["repeats"], kw["steps"]])
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the baseline runs with glibc's defaults
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", args],
-            cwd=ROOT,
-            env={**base, **env},
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=WORKER_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"QAT step worker {args} did not finish in {WORKER_TIMEOUT_S} s") from err
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"QAT step worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    try:
-        return json.loads(lines[-1])
-    except json.JSONDecodeError as err:
-        raise RuntimeError(f"QAT step worker {args} printed no result: {lines[-1][:200]!r}") from err
+    return run_json_worker(Path(__file__).resolve(), args, {**base, **env}, "QAT step", WORKER_TIMEOUT_S)
 
 
 def _summary(method: str, fp32: list[dict[str, float]], qat: list[dict[str, float]], **extra: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("accuracy", "speed")
+SECTIONS = ("accuracy", "speed", "allocator")
 
 
 def demote_headings(body: str, top: int = 3) -> str:

@@ -77,3 +77,30 @@ def test_qat_step_worker_failure_names_the_worker():
 
     with pytest.raises(RuntimeError, match=r"QAT step worker .*no-such-net.* failed \(exit 1\)"):
         qat_step.separate_processes("no-such-net", processes=1, batch=2, threads=1, repeats=1, steps=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the bench extra (onnxruntime)")
+def test_allocator_benchmark_quick_run(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import allocator
+
+    lib = allocator.find_allocator()
+    if lib is None:
+        pytest.skip("no malloc replacement to preload (`pip install cmeel-mimalloc`, in the bench extra)")
+    results = allocator.run(allocator.QUICK, lib, tmp_path, quick=True)
+    row = results["nets"]["resnet"]["1"]
+    for route in allocator.ROUTES:
+        assert row[f"{route}_glibc_us"] > 0 and row[f"{route}_preloaded_us"] > 0
+        assert row[f"{route}_speedup"] == pytest.approx(row[f"{route}_glibc_us"] / row[f"{route}_preloaded_us"], 1e-2)
+    assert json.loads((tmp_path / "allocator.json").read_text())["library"] == lib
+    md = (tmp_path / "allocator.md").read_text()
+    assert f"| {Path(lib).name} |" in md and "| resnet | 1 | int8 x86 .pt2 (ours) |" in md
+
+
+def test_allocator_worker_failure_names_the_worker(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import allocator
+
+    with pytest.raises(RuntimeError, match=r"allocator benchmark worker .* failed \(exit 1\)"):
+        allocator.measure(tmp_path, "/nonexistent/libmalloc.so", allocator.QUICK)  # no artifacts in tmp_path

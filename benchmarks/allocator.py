@@ -1,0 +1,244 @@
+"""x86 int8 latency under glibc's malloc and under a preloaded allocator, ONNX Runtime int8 beside it.
+
+    python benchmarks/allocator.py [--lib PATH] [--nets mobilenetv2 resnet] [--processes 2] [--quick]
+
+At batch 1 our ``.pt2`` spends most of its time around the convolutions, not in them: ``perf`` over 50,000 batch-1
+calls of the MobileNetV2-style artifact (1 thread) put 42% of the samples in glibc's malloc/free (oneDNN scratchpads
+and descriptors and the output tensors, allocated and freed at every call; ``malloc_consolidate`` alone 7%), 35% in
+``libtorch_cpu`` (oneDNN primitive-descriptor creation and cache lookups, PyTorch's qconv setup) and 13% in oneDNN's
+JIT kernels. Another allocator changes that first part without touching the artifact; this measures by how much.
+
+Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (``benchmarks/speed.py``'s builders, same calibration),
+then times both at batch 1 and 32 with 1 thread in fresh worker processes: ``--processes`` with glibc and as many
+with ``LD_PRELOAD=<lib>``, in alternating order; within a worker the two routes alternate in rounds. Medians over
+all rounds of all processes of each kind. The default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the
+``bench`` extra), else the first of jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_json_worker  # noqa: E402
+
+ROUTES = ("x86_int8", "ort_int8")
+ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtime"}
+GLIBC = "glibc"
+_LDCONFIG_NAMES = ("libjemalloc.so", "libtcmalloc_minimal.so", "libtcmalloc.so", "libmimalloc.so")
+
+FULL: dict[str, Any] = {"nets": ["mobilenetv2", "resnet"], "batches": [1, 32], "processes": 2, "rounds": 7}
+QUICK: dict[str, Any] = {"nets": ["resnet"], "batches": [1], "processes": 1, "rounds": 2}
+
+
+def find_allocator() -> str | None:
+    """A malloc replacement to preload: mimalloc from the ``cmeel-mimalloc`` wheel, else one ``ldconfig`` lists."""
+    try:
+        import cmeel  # noqa: F401  (cmeel-mimalloc installs under site-packages/cmeel.prefix)
+
+        prefix = Path(cmeel.__file__).resolve().parent.parent / "cmeel.prefix" / "lib"
+        found = sorted(glob.glob(str(prefix / "libmimalloc.so*")))
+        if found:
+            return found[0]
+    except ImportError:
+        pass
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return None
+    for name in _LDCONFIG_NAMES:
+        for line in listing.splitlines():
+            if line.strip().startswith(name) and "=>" in line:
+                return line.split("=>")[-1].strip()
+    return None
+
+
+def _calls_per_round(batch: int) -> int:
+    return 300 if batch == 1 else 30
+
+
+def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[str, Any]:
+    """Time our ``.pt2`` and ONNX Runtime at each batch with 1 thread; median µs per call over ``rounds`` rounds."""
+    import torch
+
+    import lightning_quant as lq
+    from benchmarks.speed import ort_session
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"ld_preload": os.environ.get("LD_PRELOAD"), "nets": {}}
+    for name in nets:
+        ours = lq.load(Path(work) / name / "x86_int8.pt2")
+        sess = ort_session(Path(work) / name / "ort_int8.onnx", 1)
+        out["nets"][name] = {}
+        for batch in batches:
+            x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+            xn = x.numpy()
+            calls = {
+                "x86_int8": lambda x=x, ours=ours: ours(x),
+                "ort_int8": lambda xn=xn, sess=sess: sess.run(None, {"x": xn}),
+            }
+            n = _calls_per_round(batch)
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            with torch.no_grad():
+                for fn in calls.values():
+                    for _ in range(n):
+                        fn()
+                for r in range(rounds):
+                    for k in calls if r % 2 == 0 else reversed(list(calls)):
+                        t = time.perf_counter()
+                        for _ in range(n):
+                            calls[k]()
+                        times[k].append((time.perf_counter() - t) / n * 1e6)
+            out["nets"][name][str(batch)] = times
+    return out
+
+
+def build(work: Path, nets: list[str]) -> None:
+    """Our x86 ``.pt2`` and ONNX Runtime int8 for each net under ``work/<net>/`` (speed.py's builders)."""
+    import torch
+
+    from benchmarks import speed
+
+    speed._quiet()
+    for name in nets:
+        folder = work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        model = speed.make_net(name)
+        calib = speed.calibration_batches((1, 28, 28), 256)
+        speed.build_ours(model, "x86", calib, folder, 32)
+        speed.build_ort(model, torch.randn(1, 1, 28, 28), calib, folder, [1])
+
+
+def measure(work: Path, lib: str, s: dict[str, Any]) -> dict[str, Any]:
+    """Workers alternating glibc / ``lib``; per allocator, net, batch and route: median µs and the rounds' spread."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    envs = {GLIBC: base, lib: {**base, "LD_PRELOAD": lib}}
+    payload = json.dumps([str(work), s["nets"], s["batches"], s["rounds"]])
+    rounds: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {a: {} for a in envs}
+    for i in range(s["processes"]):
+        for alloc in (GLIBC, lib) if i % 2 == 0 else (lib, GLIBC):
+            r = run_json_worker(Path(__file__), payload, envs[alloc], "allocator benchmark")
+            if alloc != GLIBC and r["ld_preload"] != lib:
+                raise RuntimeError(f"the worker ran with LD_PRELOAD={r['ld_preload']!r}, not {lib!r}")
+            for name, per_batch in r["nets"].items():
+                for batch, per_route in per_batch.items():
+                    for route, ts in per_route.items():
+                        rounds[alloc].setdefault(name, {}).setdefault(batch, {}).setdefault(route, []).extend(ts)
+    out: dict[str, Any] = {}
+    for name in s["nets"]:
+        out[name] = {}
+        for batch in map(str, s["batches"]):
+            row: dict[str, Any] = {}
+            for alloc, key in ((GLIBC, "glibc"), (lib, "preloaded")):
+                for route in ROUTES:
+                    ts = rounds[alloc][name][batch][route]
+                    row[f"{route}_{key}_us"] = round(statistics.median(ts), 1)
+            for route in ROUTES:
+                row[f"{route}_speedup"] = round(row[f"{route}_glibc_us"] / row[f"{route}_preloaded_us"], 3)
+            for key in ("glibc", "preloaded"):  # >1: ours faster than ONNX Runtime
+                row[f"x86_vs_ort_{key}"] = round(row[f"ort_int8_{key}_us"] / row[f"x86_int8_{key}_us"], 3)
+            out[name][batch] = row
+    return out
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lib = Path(results["library"]).name
+    s = results["settings"]
+    lines = [
+        "## Batch latency with another malloc (`benchmarks/allocator.py`)",
+        "",
+        f"Measured on {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['versions']['torch']}, onnxruntime "
+        f"{m['versions']['onnxruntime']}, {results['libc']}; 1 thread; µs per call, median of {s['rounds']} rounds "
+        f"in each of {s['processes']} fresh process(es) per allocator (alternating). `{lib}` is preloaded with "
+        "`LD_PRELOAD`; the artifacts are the same files in both columns. Ratio vs ONNX Runtime: above 1, ours is "
+        "faster.",
+        "",
+        f"| net | batch | route | glibc | {lib} | speed-up | vs ONNX Runtime, glibc | vs ONNX Runtime, {lib} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per_batch in results["nets"].items():
+        for batch, row in per_batch.items():
+            for route in ROUTES:
+                vs = (
+                    f"{row['x86_vs_ort_glibc']:.2f}× | {row['x86_vs_ort_preloaded']:.2f}×"
+                    if route == "x86_int8"
+                    else "| "
+                )
+                lines.append(
+                    f"| {name} | {batch} | {ROUTE_NAMES[route]} | {row[f'{route}_glibc_us']:.0f} | "
+                    f"{row[f'{route}_preloaded_us']:.0f} | {row[f'{route}_speedup']:.2f}× | {vs} |"
+                )
+    lines += [
+        "",
+        "Why it matters at batch 1: each int8 conv call of the `.pt2` allocates and frees oneDNN scratchpads and "
+        "descriptors and its output (the `perf` profile is in `benchmarks/allocator.py`'s docstring); ONNX Runtime "
+        "plans its memory once per session. To deploy with it, start the serving process with "
+        "`LD_PRELOAD=/path/to/libmimalloc.so` (`pip install cmeel-mimalloc` puts it under "
+        "`site-packages/cmeel.prefix/lib/`; your distribution's "
+        "jemalloc or tcmalloc are the usual alternatives, not measured here).",
+        "",
+        f"Wall time {results['wall_s']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
+    import platform
+
+    from benchmarks.common import machine
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lq_allocator_") as tmp:
+        work = Path(tmp)
+        build(work, s["nets"])
+        nets = measure(work, lib, s)
+    results = {
+        "benchmark": "allocator",
+        "quick": quick,
+        "library": lib,
+        "libc": " ".join(platform.libc_ver()),
+        "settings": s,
+        "machine": machine(),
+        "nets": nets,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "allocator.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "allocator.md").write_text(render_markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lib", help="allocator library to preload (default: found by find_allocator)")
+    parser.add_argument("--quick", action="store_true", help="one net, batch 1, one process each")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    lib = args.lib or find_allocator()
+    if not lib:
+        raise SystemExit("No allocator library to preload: `pip install cmeel-mimalloc`, or pass --lib PATH.")
+    if not Path(lib).is_file():
+        raise SystemExit(f"--lib {lib!r} is not a file.")
+    run(QUICK if args.quick else FULL, lib, Path(args.out), args.quick)
+
+
+if __name__ == "__main__":
+    main()
