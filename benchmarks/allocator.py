@@ -6,7 +6,9 @@ At batch 1 our ``.pt2`` spends most of its time around the convolutions, not in 
 calls of the MobileNetV2-style artifact (1 thread) put 42% of the samples in glibc's malloc/free (oneDNN scratchpads
 and descriptors and the output tensors, allocated and freed at every call; ``malloc_consolidate`` alone 7%), 35% in
 ``libtorch_cpu`` (oneDNN primitive-descriptor creation and cache lookups, PyTorch's qconv setup) and 13% in oneDNN's
-JIT kernels. Another allocator changes that first part without touching the artifact; this measures by how much.
+JIT kernels (``perf record -g python -c "..."`` around a loop of ``lightning_quant.load(path)(x)`` calls, started
+after load and warm-up; ``perf report --sort dso,symbol``). Another allocator changes the first part without
+touching the artifact; this measures by how much.
 
 Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (``benchmarks/speed.py``'s builders, same calibration),
 then times both at batch 1 and 32 with 1 thread in fresh worker processes: ``--processes`` with glibc and as many
@@ -18,9 +20,9 @@ all rounds of all processes of each kind. The default library is mimalloc from t
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -46,23 +48,44 @@ QUICK: dict[str, Any] = {"nets": ["resnet"], "batches": [1], "processes": 1, "ro
 
 def find_allocator() -> str | None:
     """A malloc replacement to preload: mimalloc from the ``cmeel-mimalloc`` wheel, else one ``ldconfig`` lists."""
-    try:
-        import cmeel  # noqa: F401  (cmeel-mimalloc installs under site-packages/cmeel.prefix)
+    from importlib import metadata
 
-        prefix = Path(cmeel.__file__).resolve().parent.parent / "cmeel.prefix" / "lib"
-        found = sorted(glob.glob(str(prefix / "libmimalloc.so*")))
-        if found:
-            return found[0]
-    except ImportError:
-        pass
+    try:
+        files = metadata.files("cmeel-mimalloc") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    found = sorted(str(f.locate()) for f in files if f.name.startswith("libmimalloc.so"))
+    if found:
+        return str(Path(found[0]).resolve())
     try:
         listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
     except OSError:
         return None
+    arch = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(platform.machine())  # skip other ABIs' copies (i386...)
     for name in _LDCONFIG_NAMES:
         for line in listing.splitlines():
-            if line.strip().startswith(name) and "=>" in line:
+            if line.strip().startswith(name) and "=>" in line and (arch is None or arch in line):
                 return line.split("=>")[-1].strip()
+    return None
+
+
+def malloc_owner() -> str | None:
+    """The shared object this process's ``malloc`` comes from (``/proc/self/maps``): proof that a preload took effect.
+
+    ld.so skips an ``LD_PRELOAD`` it cannot load with a message on stderr and runs on with glibc's malloc.
+    """
+    import ctypes
+
+    addr = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= addr < hi and len(parts) >= 6:
+                    return os.path.realpath(parts[5])
+    except OSError:
+        return None
     return None
 
 
@@ -78,7 +101,7 @@ def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[
     from benchmarks.speed import ort_session
 
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"ld_preload": os.environ.get("LD_PRELOAD"), "nets": {}}
+    out: dict[str, Any] = {"ld_preload": os.environ.get("LD_PRELOAD"), "malloc_from": malloc_owner(), "nets": {}}
     for name in nets:
         ours = lq.load(Path(work) / name / "x86_int8.pt2")
         sess = ort_session(Path(work) / name / "ort_int8.onnx", 1)
@@ -122,17 +145,26 @@ def build(work: Path, nets: list[str]) -> None:
         speed.build_ort(model, torch.randn(1, 1, 28, 28), calib, folder, [1])
 
 
-def measure(work: Path, lib: str, s: dict[str, Any]) -> dict[str, Any]:
-    """Workers alternating glibc / ``lib``; per allocator, net, batch and route: median µs and the rounds' spread."""
+def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Workers alternating glibc / ``lib``; per net, batch and route: median µs per call under each allocator.
+
+    Each round's figure is the mean of one round's calls; the median is over the rounds of all workers of an allocator.
+    Every worker reports where its ``malloc`` came from, and a preload that did not apply is an error. Returns the
+    figures by net and batch, and the ``malloc`` source of each allocator's workers.
+    """
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     envs = {GLIBC: base, lib: {**base, "LD_PRELOAD": lib}}
     payload = json.dumps([str(work), s["nets"], s["batches"], s["rounds"]])
     rounds: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {a: {} for a in envs}
+    owners: dict[str, str | None] = {}
     for i in range(s["processes"]):
         for alloc in (GLIBC, lib) if i % 2 == 0 else (lib, GLIBC):
             r = run_json_worker(Path(__file__), payload, envs[alloc], "allocator benchmark")
-            if alloc != GLIBC and r["ld_preload"] != lib:
-                raise RuntimeError(f"the worker ran with LD_PRELOAD={r['ld_preload']!r}, not {lib!r}")
+            owner = r["malloc_from"]
+            if (alloc == GLIBC) == (owner == os.path.realpath(lib)):
+                want = "glibc's" if alloc == GLIBC else lib
+                raise RuntimeError(f"a {alloc} worker's malloc came from {owner}, not {want}: LD_PRELOAD did not apply")
+            owners.setdefault(alloc, owner)
             for name, per_batch in r["nets"].items():
                 for batch, per_route in per_batch.items():
                     for route, ts in per_route.items():
@@ -151,7 +183,7 @@ def measure(work: Path, lib: str, s: dict[str, Any]) -> dict[str, Any]:
             for key in ("glibc", "preloaded"):  # >1: ours faster than ONNX Runtime
                 row[f"x86_vs_ort_{key}"] = round(row[f"ort_int8_{key}_us"] / row[f"x86_int8_{key}_us"], 3)
             out[name][batch] = row
-    return out
+    return out, owners
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -205,11 +237,12 @@ def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lq_allocator_") as tmp:
         work = Path(tmp)
         build(work, s["nets"])
-        nets = measure(work, lib, s)
+        nets, owners = measure(work, lib, s)
     results = {
         "benchmark": "allocator",
         "quick": quick,
         "library": lib,
+        "malloc_from": owners,
         "libc": " ".join(platform.libc_ver()),
         "settings": s,
         "machine": machine(),
@@ -237,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("No allocator library to preload: `pip install cmeel-mimalloc`, or pass --lib PATH.")
     if not Path(lib).is_file():
         raise SystemExit(f"--lib {lib!r} is not a file.")
+    lib = str(Path(lib).resolve())  # the workers run in the repository root
+    if any(c in lib for c in " :"):
+        raise SystemExit(f"--lib {lib!r}: LD_PRELOAD splits paths at spaces and colons; use a path without them.")
     run(QUICK if args.quick else FULL, lib, Path(args.out), args.quick)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def test_qat_step_worker_failure_names_the_worker():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the bench extra (onnxruntime)")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in PEERS), reason=f"needs the bench extra ({', '.join(PEERS)})"
+)
 def test_allocator_benchmark_quick_run(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks import allocator
@@ -88,14 +91,30 @@ def test_allocator_benchmark_quick_run(tmp_path):
     lib = allocator.find_allocator()
     if lib is None:
         pytest.skip("no malloc replacement to preload (`pip install cmeel-mimalloc`, in the bench extra)")
-    results = allocator.run(allocator.QUICK, lib, tmp_path, quick=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "allocator.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    results = json.loads((tmp_path / "allocator.json").read_text())
+    assert results["library"] == lib
+    assert results["malloc_from"][lib] == lib and "libc" in Path(results["malloc_from"]["glibc"]).name
     row = results["nets"]["resnet"]["1"]
     for route in allocator.ROUTES:
         assert row[f"{route}_glibc_us"] > 0 and row[f"{route}_preloaded_us"] > 0
         assert row[f"{route}_speedup"] == pytest.approx(row[f"{route}_glibc_us"] / row[f"{route}_preloaded_us"], 1e-2)
-    assert json.loads((tmp_path / "allocator.json").read_text())["library"] == lib
     md = (tmp_path / "allocator.md").read_text()
     assert f"| {Path(lib).name} |" in md and "| resnet | 1 | int8 x86 .pt2 (ours) |" in md
+
+
+def test_a_preload_that_does_not_load_leaves_glibcs_malloc():
+    """What the benchmark checks in every worker: ld.so ignores a library it cannot load and runs on."""
+    code = "from benchmarks.allocator import malloc_owner; print(malloc_owner())"
+    env = {**os.environ, "LD_PRELOAD": "/nonexistent/libmalloc.so"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert "libc" in Path(out.stdout.strip().splitlines()[-1]).name
 
 
 def test_allocator_worker_failure_names_the_worker(tmp_path):
