@@ -1,6 +1,6 @@
 """x86 int8 latency under glibc's malloc and under a preloaded allocator, ONNX Runtime int8 beside it.
 
-    python benchmarks/allocator.py [--lib PATH] [--nets mobilenetv2 resnet] [--processes 2] [--quick]
+    python benchmarks/allocator.py [--lib PATH] [--quick] [--out benchmarks/results]
 
 At batch 1 our ``.pt2`` spends most of its time around the convolutions, not in them: ``perf`` over 50,000 batch-1
 calls of the MobileNetV2-style artifact (1 thread) put 42% of the samples in glibc's malloc/free (oneDNN scratchpads
@@ -10,9 +10,10 @@ JIT kernels (``perf record -g python -c "..."`` around a loop of ``lightning_qua
 after load and warm-up; ``perf report --sort dso,symbol``). Another allocator changes the first part without
 touching the artifact; this measures by how much.
 
-Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (``benchmarks/speed.py``'s builders, same calibration),
-then times both at batch 1 and 32 with 1 thread in fresh worker processes: ``--processes`` with glibc and as many
-with ``LD_PRELOAD=<lib>``, in alternating order; within a worker the two routes alternate in rounds. Medians over
+Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (the MobileNetV2- and ResNet-style nets and
+EfficientNet-Lite0, with ``benchmarks/speed.py``'s builders and calibration), then times both at batch 1 and 32 with
+1 thread in fresh worker processes: ``processes`` (a setting) with glibc and as many with ``LD_PRELOAD=<lib>``, in
+alternating order; within a worker the two routes alternate in rounds. Medians over
 all rounds of all processes of each kind. The default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the
 ``bench`` extra), else the first of jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
 """
@@ -42,7 +43,12 @@ ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtim
 GLIBC = "glibc"
 _LDCONFIG_NAMES = ("libjemalloc.so", "libtcmalloc_minimal.so", "libtcmalloc.so", "libmimalloc.so")
 
-FULL: dict[str, Any] = {"nets": ["mobilenetv2", "resnet"], "batches": [1, 32], "processes": 2, "rounds": 7}
+FULL: dict[str, Any] = {
+    "nets": ["mobilenetv2", "resnet", "efficientnet_lite0"],
+    "batches": [1, 32],
+    "processes": 2,
+    "rounds": 7,
+}
 QUICK: dict[str, Any] = {"nets": ["resnet"], "batches": [1], "processes": 1, "rounds": 2}
 
 
@@ -89,7 +95,10 @@ def malloc_owner() -> str | None:
     return None
 
 
-def _calls_per_round(batch: int) -> int:
+def _calls_per_round(name: str, batch: int) -> int:
+    """About 50-150 ms of calls per round."""
+    if name == "efficientnet_lite0":
+        return 30 if batch == 1 else 2
     return 300 if batch == 1 else 30
 
 
@@ -98,7 +107,7 @@ def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[
     import torch
 
     import lightning_quant as lq
-    from benchmarks.speed import ort_session
+    from benchmarks.speed import INPUT_SHAPES, ort_session
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"ld_preload": os.environ.get("LD_PRELOAD"), "malloc_from": malloc_owner(), "nets": {}}
@@ -107,13 +116,13 @@ def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[
         sess = ort_session(Path(work) / name / "ort_int8.onnx", 1)
         out["nets"][name] = {}
         for batch in batches:
-            x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+            x = torch.randn(batch, *INPUT_SHAPES[name], generator=torch.Generator().manual_seed(batch))
             xn = x.numpy()
             calls = {
                 "x86_int8": lambda x=x, ours=ours: ours(x),
                 "ort_int8": lambda xn=xn, sess=sess: sess.run(None, {"x": xn}),
             }
-            n = _calls_per_round(batch)
+            n = _calls_per_round(name, batch)
             times: dict[str, list[float]] = {k: [] for k in calls}
             with torch.no_grad():
                 for fn in calls.values():
@@ -140,9 +149,10 @@ def build(work: Path, nets: list[str]) -> None:
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
         model = speed.make_net(name)
-        calib = speed.calibration_batches((1, 28, 28), 256)
+        samples = speed.FULL["calibration_samples_large" if name == "efficientnet_lite0" else "calibration_samples"]
+        calib = speed.calibration_batches(speed.INPUT_SHAPES[name], samples)
         speed.build_ours(model, "x86", calib, folder, 32)
-        speed.build_ort(model, torch.randn(1, 1, 28, 28), calib, folder, [1])
+        speed.build_ort(model, torch.randn(2, *speed.INPUT_SHAPES[name]), calib, folder, [1])
 
 
 def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
