@@ -485,10 +485,9 @@ def use_trained_qparams(prepared: nn.Module) -> int:
     ``convert_pt2e`` asks each fake-quantize module's observer for fresh qparams (``calculate_qparams``). ATen's fused
     fake-quantize op, which computed the ones the model trained with, uses another formula for symmetric ranges
     (for int8 in [-128, 127]: ``|min|/128`` or ``max/127`` where the observer takes ``max(|min|, max)/127.5``) and its
-    own zero-point nudging;
-    so every per-channel weight of an x86 QAT model was requantized on a grid ~0.4% off the trained one (one step
-    apart for many weights: EfficientNet-Lite0's stem moved by up to 35 of 255 output steps). Returns the number of
-    modules switched. (Fixed upstream after torchao 0.18 by pytorch/ao#4824, behind a flag.)
+    own zero-point nudging; so every per-channel weight of an x86 QAT model was requantized on a grid ~0.4% off the
+    trained one (one step apart for many weights: EfficientNet-Lite0's stem moved by up to 35 of 255 output steps).
+    Returns the number of modules switched. (Fixed upstream after torchao 0.18 by pytorch/ao#4824, behind a flag.)
     """
     n = 0
     for m in prepared.modules():
