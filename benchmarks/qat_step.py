@@ -43,7 +43,6 @@ from torch.nn import functional as F  # noqa: E402
 
 INPUT_SHAPE = (1, 28, 28)
 HUGETLB_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-WORKER_TIMEOUT_S = 1800
 
 
 def make_net(name: str) -> torch.nn.Module:
@@ -124,7 +123,7 @@ def _run_worker(name: str, kinds: list[str], kw: dict[str, int], env: dict[str, 
 
     args = json.dumps([name, kinds, kw["batch"], kw["threads"], kw["repeats"], kw["steps"]])
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the baseline runs with glibc's defaults
-    return run_json_worker(Path(__file__).resolve(), args, {**base, **env}, "QAT step", WORKER_TIMEOUT_S)
+    return run_json_worker(Path(__file__).resolve(), args, {**base, **env}, "QAT step")
 
 
 def _summary(method: str, fp32: list[dict[str, float]], qat: list[dict[str, float]], **extra: Any) -> dict[str, Any]:

@@ -461,6 +461,15 @@ def test_finetune_from_a_float_checkpoint_of_a_project_that_never_used_the_plugi
     assert "val_acc_int8" in trainer.callback_metrics
 
 
+def _sgd_steps(graph: nn.Module, x: torch.Tensor, lr: float, steps: int = 3) -> None:
+    """A few SGD steps on ``graph(x).square().mean()``: weights and observers move away from their start."""
+    opt = torch.optim.SGD(graph.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        graph(x).square().mean().backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
 def test_per_tensor_qat_trains_with_one_weight_scale_and_converts(backend):
     from lightning_quant.config import QuantConfig
@@ -469,12 +478,8 @@ def test_per_tensor_qat_trains_with_one_weight_scale_and_converts(backend):
     torch.manual_seed(0)
     net = DropoutNet().model
     graph = QATGraph(net, "model", QuantConfig(backend=backend, weight_granularity="per_tensor")).train()
-    opt = torch.optim.SGD(graph.parameters(), lr=0.05)
     x = _data(32, seed=1).tensors[0]
-    for _ in range(3):
-        opt.zero_grad()
-        graph(x).square().mean().backward()
-        opt.step()
+    _sgd_steps(graph, x, lr=0.05)
     weight_fqs = [m for m in _fake_quants(graph) if m.qscheme in _WEIGHT_QSCHEMES]  # activations: per_tensor_affine
     assert len(weight_fqs) == 2  # conv and linear
     for fq in weight_fqs:
@@ -542,12 +547,8 @@ def test_int8_weights_are_the_fake_quantized_weights_the_model_trained_with(back
     torch.manual_seed(0)
     graph = QATGraph(_SmallVarianceNet(), "model", QuantConfig(backend=backend, weight_granularity=granularity))
     graph.train().freeze_bn()
-    opt = torch.optim.SGD(graph.parameters(), lr=0.01)
     x = _data(32, seed=1).tensors[0]
-    for _ in range(3):
-        opt.zero_grad()
-        graph(x).square().mean().backward()
-        opt.step()
+    _sgd_steps(graph, x, lr=0.01)
     graph.eval()
     trained = {}
 
