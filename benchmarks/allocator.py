@@ -10,12 +10,21 @@ JIT kernels (``perf record -g python -c "..."`` around a loop of ``lightning_qua
 after load and warm-up; ``perf report --sort dso,symbol``). Another allocator changes the first part without
 touching the artifact; this measures by how much.
 
+At batch 32 on EfficientNet-Lite0 the cost is elsewhere: ``perf`` (50 calls, 1 thread) put 46% of the samples in
+oneDNN's JIT kernels, 17% in the package's own kernels (the input quantize, four pads, the final mean) and 33% in the
+Linux kernel, faulting in fresh pages (25,000-27,000 minor faults per call, ~100 MB): glibc serves each large
+activation with ``mmap`` and unmaps it when freed, or trims the heap top it was carved from, so the next call faults
+it in again. ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>`` keeps them in the heap
+(no extra library); setting the trim threshold alone was worse here (it turns off glibc's adaptive mmap threshold:
+70,000 faults per call, one-off check).
+
 Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (the MobileNetV2- and ResNet-style nets and
 EfficientNet-Lite0, with ``benchmarks/speed.py``'s builders and calibration), then times both at batch 1 and 32 with
-1 thread in fresh worker processes: ``processes`` (a setting) with glibc and as many with ``LD_PRELOAD=<lib>``, in
-alternating order; within a worker the two routes alternate in rounds. Medians over
-all rounds of all processes of each kind. The default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the
-``bench`` extra), else the first of jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
+1 thread in fresh worker processes: ``processes`` (a setting) under each allocator (glibc, glibc with
+``TUNED_GLIBC``, ``LD_PRELOAD=<lib>``), in alternating order; within a worker the two routes alternate in rounds, and
+each round also counts the process's minor page faults. Medians over all rounds of all processes of each kind. The
+default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the ``bench`` extra), else the first of
+jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
 """
 
 from __future__ import annotations
@@ -40,14 +49,29 @@ from benchmarks.common import run_json_worker  # noqa: E402
 
 ROUTES = ("x86_int8", "ort_int8")
 ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtime"}
-GLIBC = "glibc"
+# glibc's malloc kept from returning memory to the kernel: no mmap'd chunks, no heap trimming (a 4 GiB threshold)
+TUNED_GLIBC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+ALLOCATORS = ("glibc", "glibc_tuned", "preloaded")
+_BIG = 64 << 20  # above glibc's largest mmap threshold (32 MiB): mmap'd unless mmap_max=0
+_MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
 _LDCONFIG_NAMES = ("libjemalloc.so", "libtcmalloc_minimal.so", "libtcmalloc.so", "libmimalloc.so")
 
 FULL: dict[str, Any] = {
     "nets": ["mobilenetv2", "resnet", "efficientnet_lite0"],
     "batches": [1, 32],
-    "processes": 2,
-    "rounds": 7,
+    "processes": 4,  # per allocator; even, so that the alternating order is balanced
+    "rounds": 5,
 }
 QUICK: dict[str, Any] = {"nets": ["resnet"], "batches": [1], "processes": 1, "rounds": 2}
 
@@ -95,6 +119,31 @@ def malloc_owner() -> str | None:
     return None
 
 
+def probe_big_malloc() -> dict[str, bool] | None:
+    """How glibc handles a 64 MiB ``malloc`` and its ``free``: proof that ``TUNED_GLIBC`` took effect.
+
+    ``mmapped``: served by ``mmap`` (not under ``mmap_max=0``). ``kept``: after the ``free``, glibc still holds the
+    64 MiB in its heap instead of trimming it back to the kernel (only with a trim threshold above it). glibc ignores a
+    tunable it does not know without a word. None where ``mallinfo2`` is missing (glibc < 2.33).
+    """
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in _MALLINFO2_FIELDS]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    ptr = libc.malloc(_BIG)
+    mapped = libc.mallinfo2().hblks > before
+    libc.free(ptr)
+    return {"mmapped": mapped, "kept": libc.mallinfo2().keepcost >= _BIG}
+
+
 def _calls_per_round(name: str, batch: int) -> int:
     """About 50-150 ms of calls per round."""
     if name == "efficientnet_lite0":
@@ -104,13 +153,21 @@ def _calls_per_round(name: str, batch: int) -> int:
 
 def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[str, Any]:
     """Time our ``.pt2`` and ONNX Runtime at each batch with 1 thread; median µs per call over ``rounds`` rounds."""
+    import resource
+
     import torch
 
     import lightning_quant as lq
     from benchmarks.speed import INPUT_SHAPES, ort_session
 
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"ld_preload": os.environ.get("LD_PRELOAD"), "malloc_from": malloc_owner(), "nets": {}}
+    out: dict[str, Any] = {
+        "ld_preload": os.environ.get("LD_PRELOAD"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "malloc_from": malloc_owner(),
+        "big_malloc": probe_big_malloc(),
+        "nets": {},
+    }
     for name in nets:
         ours = lq.load(Path(work) / name / "x86_int8.pt2")
         sess = ort_session(Path(work) / name / "ort_int8.onnx", 1)
@@ -124,17 +181,20 @@ def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[
             }
             n = _calls_per_round(name, batch)
             times: dict[str, list[float]] = {k: [] for k in calls}
+            faults: dict[str, list[float]] = {k: [] for k in calls}
             with torch.no_grad():
                 for fn in calls.values():
                     for _ in range(n):
                         fn()
                 for r in range(rounds):
                     for k in calls if r % 2 == 0 else reversed(list(calls)):
+                        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                         t = time.perf_counter()
                         for _ in range(n):
                             calls[k]()
                         times[k].append((time.perf_counter() - t) / n * 1e6)
-            out["nets"][name][str(batch)] = times
+                        faults[k].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f) / n)
+            out["nets"][name][str(batch)] = {"us": times, "faults": faults}
     return out
 
 
@@ -155,43 +215,77 @@ def build(work: Path, nets: list[str]) -> None:
         speed.build_ort(model, torch.randn(2, *speed.INPUT_SHAPES[name]), calib, folder, [1])
 
 
-def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """Workers alternating glibc / ``lib``; per net, batch and route: median µs per call under each allocator.
+def allocator_envs(lib: str) -> dict[str, dict[str, str]]:
+    """The workers' environments: glibc as configured by default, glibc with ``TUNED_GLIBC``, ``lib`` preloaded."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")  # glibc's older tuning variables
+    }
+    return {
+        "glibc": base,
+        "glibc_tuned": {**base, "GLIBC_TUNABLES": TUNED_GLIBC},
+        "preloaded": {**base, "LD_PRELOAD": lib},
+    }
+
+
+def _check_worker(alloc: str, lib: str, r: dict[str, Any]) -> None:
+    """Raise unless the worker ran the allocator it was started for (a preload or a tunable can fail silently)."""
+    preloaded = r["malloc_from"] == os.path.realpath(lib)
+    if alloc == "preloaded" and not preloaded:
+        raise RuntimeError(
+            f"a preloaded worker's malloc came from {r['malloc_from']}, not {lib}: LD_PRELOAD did not apply"
+        )
+    if alloc != "preloaded" and preloaded:
+        raise RuntimeError(f"a {alloc} worker's malloc came from {lib}: an LD_PRELOAD leaked into its environment")
+    probe = r["big_malloc"]
+    if alloc == "glibc_tuned" and probe != {"mmapped": False, "kept": True}:
+        raise RuntimeError(
+            f"a glibc_tuned worker did not run with GLIBC_TUNABLES={TUNED_GLIBC}: 64 MiB malloc/free probe {probe} "
+            "(wanted no mmap, memory kept; None: this glibc has no mallinfo2 to check with)"
+        )
+    if alloc == "glibc" and probe is not None and not probe["mmapped"]:
+        raise RuntimeError(f"a glibc worker's malloc is tuned by something else here: 64 MiB malloc/free probe {probe}")
+
+
+def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Workers under each of ``ALLOCATORS``, alternating order; per net, batch and route: median µs and faults per call.
 
     Each round's figure is the mean of one round's calls; the median is over the rounds of all workers of an allocator.
-    Every worker reports where its ``malloc`` came from, and a preload that did not apply is an error. Returns the
-    figures by net and batch, and the ``malloc`` source of each allocator's workers.
+    Every worker reports where its ``malloc`` came from (and the tuned ones that glibc took the tunables), and a
+    preload or tunable that did not apply is an error. Returns the figures by net and batch, and per allocator what its
+    first worker reported about its ``malloc`` (where it came from, the 64 MiB probe).
     """
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-    envs = {GLIBC: base, lib: {**base, "LD_PRELOAD": lib}}
+    envs = allocator_envs(lib)
     payload = json.dumps([str(work), s["nets"], s["batches"], s["rounds"]])
-    rounds: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {a: {} for a in envs}
-    owners: dict[str, str | None] = {}
+    rounds: dict[str, dict[str, dict[str, dict[str, dict[str, list[float]]]]]] = {a: {} for a in ALLOCATORS}
+    owners: dict[str, dict[str, Any]] = {}
     for i in range(s["processes"]):
-        for alloc in (GLIBC, lib) if i % 2 == 0 else (lib, GLIBC):
+        for alloc in ALLOCATORS if i % 2 == 0 else ALLOCATORS[::-1]:  # balanced over an even number of processes
             r = run_json_worker(Path(__file__), payload, envs[alloc], "allocator benchmark")
-            owner = r["malloc_from"]
-            if (alloc == GLIBC) == (owner == os.path.realpath(lib)):
-                want = "glibc's" if alloc == GLIBC else lib
-                raise RuntimeError(f"a {alloc} worker's malloc came from {owner}, not {want}: LD_PRELOAD did not apply")
-            owners.setdefault(alloc, owner)
+            _check_worker(alloc, lib, r)
+            owners.setdefault(alloc, {"malloc_from": r["malloc_from"], "big_malloc": r["big_malloc"]})
             for name, per_batch in r["nets"].items():
-                for batch, per_route in per_batch.items():
-                    for route, ts in per_route.items():
-                        rounds[alloc].setdefault(name, {}).setdefault(batch, {}).setdefault(route, []).extend(ts)
+                for batch, got in per_batch.items():
+                    for what, per_route in got.items():
+                        for route, vals in per_route.items():
+                            slot = rounds[alloc].setdefault(name, {}).setdefault(batch, {}).setdefault(route, {})
+                            slot.setdefault(what, []).extend(vals)
     out: dict[str, Any] = {}
     for name in s["nets"]:
         out[name] = {}
         for batch in map(str, s["batches"]):
             row: dict[str, Any] = {}
-            for alloc, key in ((GLIBC, "glibc"), (lib, "preloaded")):
+            for alloc in ALLOCATORS:
                 for route in ROUTES:
-                    ts = rounds[alloc][name][batch][route]
-                    row[f"{route}_{key}_us"] = round(statistics.median(ts), 1)
-            for route in ROUTES:
-                row[f"{route}_speedup"] = round(row[f"{route}_glibc_us"] / row[f"{route}_preloaded_us"], 3)
-            for key in ("glibc", "preloaded"):  # >1: ours faster than ONNX Runtime
-                row[f"x86_vs_ort_{key}"] = round(row[f"ort_int8_{key}_us"] / row[f"x86_int8_{key}_us"], 3)
+                    got = rounds[alloc][name][batch][route]
+                    row[f"{route}_{alloc}_us"] = round(statistics.median(got["us"]), 1)
+                    row[f"{route}_{alloc}_faults"] = round(statistics.median(got["faults"]), 1)
+            for alloc in ALLOCATORS[1:]:
+                for route in ROUTES:
+                    row[f"{route}_{alloc}_speedup"] = round(row[f"{route}_glibc_us"] / row[f"{route}_{alloc}_us"], 3)
+            for alloc in ALLOCATORS:  # >1: ours faster than ONNX Runtime
+                row[f"x86_vs_ort_{alloc}"] = round(row[f"ort_int8_{alloc}_us"] / row[f"x86_int8_{alloc}_us"], 3)
             out[name][batch] = row
     return out, owners
 
@@ -204,34 +298,39 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Batch latency with another malloc (`benchmarks/allocator.py`)",
         "",
         f"Measured on {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['versions']['torch']}, onnxruntime "
-        f"{m['versions']['onnxruntime']}, {results['libc']}; 1 thread; µs per call, median of {s['rounds']} rounds "
-        f"in each of {s['processes']} fresh process(es) per allocator (alternating). `{lib}` is preloaded with "
-        "`LD_PRELOAD`; the artifacts are the same files in both columns. Ratio vs ONNX Runtime: above 1, ours is "
-        "faster.",
+        f"{m['versions']['onnxruntime']}, {results['libc']}; 1 thread; µs per call and minor page faults per call "
+        f"(in brackets), median of {s['rounds']} rounds in each of {s['processes']} fresh process(es) per allocator "
+        f"(in alternating order). glibc tuned: `GLIBC_TUNABLES={TUNED_GLIBC}`; `{lib}` is preloaded with "
+        "`LD_PRELOAD`. The artifacts are the same files in every column. Speed-up: vs glibc. Ratio vs ONNX "
+        "Runtime (same allocator): above 1, ours is faster. The allocators run in different processes, minutes "
+        "apart: where ONNX Runtime's own speed-up is far from 1× the shared machine's speed drifted between them, "
+        "and the ratios vs ONNX Runtime, measured within each process, are the figures to read.",
         "",
-        f"| net | batch | route | glibc | {lib} | speed-up | vs ONNX Runtime, glibc | vs ONNX Runtime, {lib} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| net | batch | route | glibc | glibc tuned | speed-up | {lib} | speed-up | vs ONNX Runtime: glibc, "
+        f"tuned, {lib} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per_batch in results["nets"].items():
         for batch, row in per_batch.items():
             for route in ROUTES:
-                vs = (
-                    f"{row['x86_vs_ort_glibc']:.2f}× | {row['x86_vs_ort_preloaded']:.2f}×"
-                    if route == "x86_int8"
-                    else "| "
-                )
+                cells = [f"{row[f'{route}_{a}_us']:.0f} ({row[f'{route}_{a}_faults']:,.0f})" for a in ALLOCATORS]
+                vs = " / ".join(f"{row[f'x86_vs_ort_{a}']:.2f}×" for a in ALLOCATORS) if route == "x86_int8" else ""
                 lines.append(
-                    f"| {name} | {batch} | {ROUTE_NAMES[route]} | {row[f'{route}_glibc_us']:.0f} | "
-                    f"{row[f'{route}_preloaded_us']:.0f} | {row[f'{route}_speedup']:.2f}× | {vs} |"
+                    f"| {name} | {batch} | {ROUTE_NAMES[route]} | {cells[0]} | {cells[1]} | "
+                    f"{row[f'{route}_glibc_tuned_speedup']:.2f}× | {cells[2]} | "
+                    f"{row[f'{route}_preloaded_speedup']:.2f}× | {vs} |"
                 )
     lines += [
         "",
-        "Why it matters at batch 1: each int8 conv call of the `.pt2` allocates and frees oneDNN scratchpads and "
-        "descriptors and its output (the `perf` profile is in `benchmarks/allocator.py`'s docstring); ONNX Runtime "
-        "plans its memory once per session. To deploy with it, start the serving process with "
-        "`LD_PRELOAD=/path/to/libmimalloc.so` (`pip install cmeel-mimalloc` puts it under "
-        "`site-packages/cmeel.prefix/lib/`; your distribution's "
-        "jemalloc or tcmalloc are the usual alternatives, not measured here).",
+        "Why it matters. At batch 1 each int8 conv call of the `.pt2` allocates and frees oneDNN scratchpads and "
+        "descriptors and its output, and the time goes into glibc's malloc/free themselves (the `perf` profiles are "
+        "in `benchmarks/allocator.py`'s docstring); ONNX Runtime plans its memory once per session. Only another "
+        "allocator helps there: start the serving process with `LD_PRELOAD=/path/to/libmimalloc.so` "
+        "(`pip install cmeel-mimalloc` puts it under `site-packages/cmeel.prefix/lib/`; your distribution's "
+        "jemalloc or tcmalloc are the usual alternatives, not measured here). With large activations (batch 32 at "
+        "224×224) glibc instead returns each freed activation to the kernel and the next call faults it back in; "
+        f"`GLIBC_TUNABLES={TUNED_GLIBC}` in the serving process's environment stops that without a new library "
+        "(the process keeps its peak memory, as it does with mimalloc).",
         "",
         f"Wall time {results['wall_s']:.0f} s.",
     ]
@@ -252,7 +351,7 @@ def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
         "benchmark": "allocator",
         "quick": quick,
         "library": lib,
-        "malloc_from": owners,
+        "malloc": owners,
         "libc": " ".join(platform.libc_ver()),
         "settings": s,
         "machine": machine(),
@@ -268,7 +367,7 @@ def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", help="allocator library to preload (default: found by find_allocator)")
-    parser.add_argument("--quick", action="store_true", help="one net, batch 1, one process each")
+    parser.add_argument("--quick", action="store_true", help="one net, batch 1, one process per allocator")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

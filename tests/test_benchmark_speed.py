@@ -55,6 +55,7 @@ def test_speed_quick(tmp_path: Path) -> None:
         anatomy = net["batch1_anatomy"]
         for key in ("qconv_call_us", "fixed_cost_ms", "artifact_ms", "runtime_ms"):
             assert _positive(anatomy[key]), (key, anatomy)
+        assert isinstance(anatomy["python_overhead_ms"], float)  # paired difference: may be ~0 either way
     for q in results["qat_step"].values():
         assert _positive(q["fp32_step_ms"]) and _positive(q["qat_step_ms"]) and _positive(q["ratio"])
         sep, same = q["separate_processes"], q["same_process"]
@@ -100,13 +101,42 @@ def test_allocator_benchmark_quick_run(tmp_path):
     )
     results = json.loads((tmp_path / "allocator.json").read_text())
     assert results["library"] == lib
-    assert results["malloc_from"][lib] == lib and "libc" in Path(results["malloc_from"]["glibc"]).name
+    seen = results["malloc"]
+    assert seen["preloaded"]["malloc_from"] == lib
+    assert "libc" in Path(seen["glibc"]["malloc_from"]).name
+    assert seen["glibc_tuned"]["malloc_from"] == seen["glibc"]["malloc_from"]
+    assert seen["glibc_tuned"]["big_malloc"] == {"mmapped": False, "kept": True}
     row = results["nets"]["resnet"]["1"]
     for route in allocator.ROUTES:
-        assert row[f"{route}_glibc_us"] > 0 and row[f"{route}_preloaded_us"] > 0
-        assert row[f"{route}_speedup"] == pytest.approx(row[f"{route}_glibc_us"] / row[f"{route}_preloaded_us"], 1e-2)
+        for alloc in allocator.ALLOCATORS:
+            assert row[f"{route}_{alloc}_us"] > 0 and row[f"{route}_{alloc}_faults"] >= 0
+        for alloc in ("glibc_tuned", "preloaded"):
+            ratio = row[f"{route}_glibc_us"] / row[f"{route}_{alloc}_us"]
+            assert row[f"{route}_{alloc}_speedup"] == pytest.approx(ratio, 1e-2)
     md = (tmp_path / "allocator.md").read_text()
     assert f"| {Path(lib).name} |" in md and "| resnet | 1 | int8 x86 .pt2 (ours) |" in md
+    assert f"GLIBC_TUNABLES={allocator.TUNED_GLIBC}" in md
+
+
+def test_tuned_glibc_keeps_a_large_malloc_off_mmap_and_in_its_heap():
+    """What the benchmark checks in every glibc worker: the tunables took effect (glibc ignores unknown ones)."""
+    code = "import json; from benchmarks.allocator import probe_big_malloc; print(json.dumps(probe_big_malloc()))"
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import allocator
+
+    seen = {}
+    for alloc, env in allocator.allocator_envs("/nonexistent/libmalloc.so").items():
+        if alloc != "preloaded":
+            run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert run.returncode == 0, run.stderr[-2000:]
+            seen[alloc] = json.loads(run.stdout.strip().splitlines()[-1])
+    if seen["glibc"] is None:
+        pytest.skip("no mallinfo2 (glibc < 2.33)")
+    assert seen == {"glibc": {"mmapped": True, "kept": False}, "glibc_tuned": {"mmapped": False, "kept": True}}
+    with pytest.raises(RuntimeError, match="did not run with GLIBC_TUNABLES"):
+        allocator._check_worker(
+            "glibc_tuned", "/nonexistent/libmalloc.so", {"malloc_from": "/lib/libc.so.6", "big_malloc": seen["glibc"]}
+        )
 
 
 def test_a_preload_that_does_not_load_leaves_glibcs_malloc():
@@ -123,3 +153,20 @@ def test_allocator_worker_failure_names_the_worker(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"allocator benchmark worker .* failed \(exit 1\)"):
         allocator.measure(tmp_path, "/nonexistent/libmalloc.so", allocator.QUICK)  # no artifacts in tmp_path
+
+
+def test_batch1_anatomy_reads_the_wrapper_cost_from_paired_calls(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import speed
+
+    clock = [0.0]
+
+    def advance(seconds: float):
+        def call():
+            clock[0] += seconds
+
+        return call
+
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    got = speed._paired_ms(advance(0.003), advance(0.001), 11)
+    assert got == {"artifact_ms": 3.0, "runtime_ms": 1.0, "python_overhead_ms": 2.0}
