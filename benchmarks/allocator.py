@@ -45,12 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_json_worker  # noqa: E402
+from benchmarks.common import TUNED_GLIBC, run_json_worker  # noqa: E402
 
 ROUTES = ("x86_int8", "ort_int8")
 ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtime"}
-# glibc's malloc kept from returning memory to the kernel: no mmap'd chunks, no heap trimming (a 4 GiB threshold)
-TUNED_GLIBC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
 ALLOCATORS = ("glibc", "glibc_tuned", "preloaded")
 _BIG = 64 << 20  # above glibc's largest mmap threshold (32 MiB): mmap'd unless mmap_max=0
 _MALLINFO2_FIELDS = (

@@ -20,6 +20,10 @@ from torch import nn
 
 from lightning_quant.demo import DemoData, LitClassifier
 
+# glibc's malloc kept from returning memory to the kernel: no mmap'd chunks, no heap trimming (a 4 GiB threshold).
+# benchmarks/allocator.py times inference under it, benchmarks/qat_step.py --tuned training.
+TUNED_GLIBC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+
 # --------------------------------------------------------------------------------------------------------- nets
 
 

@@ -1,7 +1,7 @@
 """QAT training-step cost as a ratio to the fp32 step.
 
     python benchmarks/qat_step.py [--nets smallcnn mobilenetv2 resnet] [--batch 128] [--threads N] [--processes 3]
-                                  [--hugetlb] [--out benchmarks/results/qat_step.json]
+                                  [--hugetlb] [--tuned] [--out benchmarks/results/qat_step.json]
 
 One step = forward + cross-entropy + backward + SGD(momentum) update at 28x28 inputs, on the demo's SmallCNN and the
 benchmark nets of ``benchmarks/common.py``; QAT is the PT2E ``prepare_qat_pt2e`` graph through ``QATGraph`` (x86).
@@ -17,7 +17,8 @@ On glibc, tensors freed between steps go back to the kernel and come back as fre
 the allocator's state, so page faults per step are reported for every figure, with the glibc version and the
 transparent-huge-page mode. The baseline runs without ``GLIBC_TUNABLES``; ``--hugetlb`` adds a separate-process
 measurement under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: transparent huge pages for malloc, far
-fewer faults).
+fewer faults); ``--tuned`` one with huge pages and memory kept in the heap (``TUNED_ENV``: no mmap'd chunks, no
+trimming; almost no faults).
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from benchmarks.common import TUNED_GLIBC  # noqa: E402
+
 INPUT_SHAPE = (1, 28, 28)
 HUGETLB_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+TUNED_ENV = {"GLIBC_TUNABLES": f"glibc.malloc.hugetlb=1:{TUNED_GLIBC}"}
 
 
 def make_net(name: str) -> torch.nn.Module:
@@ -165,9 +169,17 @@ def same_process(name: str, **kw: int) -> dict[str, Any]:
 
 
 def measure(
-    name: str, *, batch: int, threads: int, processes: int, repeats: int, steps: int, hugetlb: bool = False
+    name: str,
+    *,
+    batch: int,
+    threads: int,
+    processes: int,
+    repeats: int,
+    steps: int,
+    hugetlb: bool = False,
+    tuned: bool = False,
 ) -> dict[str, Any]:
-    """Both methods (and the huge-page variant when asked) for one net; ``ratio`` is the separate-process one."""
+    """Both methods (and the glibc variants when asked) for one net; ``ratio`` is the separate-process one."""
     kw = {"batch": batch, "threads": threads, "repeats": repeats, "steps": steps}
     sep = separate_processes(name, processes=processes, **kw)
     out: dict[str, Any] = {
@@ -181,6 +193,8 @@ def measure(
     }
     if hugetlb:
         out["separate_processes_hugetlb"] = separate_processes(name, processes=processes, env=HUGETLB_ENV, **kw)
+    if tuned:
+        out["separate_processes_tuned"] = separate_processes(name, processes=processes, env=TUNED_ENV, **kw)
     return out
 
 
@@ -206,6 +220,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per measurement")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--hugetlb", action="store_true", help="also measure under glibc.malloc.hugetlb=1")
+    parser.add_argument(
+        "--tuned", action="store_true", help="also measure under hugetlb=1 with mmap_max=0 and no heap trimming"
+    )
     parser.add_argument("--out", default="benchmarks/results/qat_step.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,6 +244,7 @@ def main() -> None:
             repeats=args.repeats,
             steps=args.steps,
             hugetlb=args.hugetlb,
+            tuned=args.tuned,
         )
     result = {
         "benchmark": "qat_step",

@@ -789,8 +789,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "processes, as a user runs them (alternating, several of each); on glibc both pay page faults (memory "
             "freed between steps comes back from the kernel as fresh pages). Same process: both models in one "
             "process, interleaved (the method of earlier runs); there the two models' allocations interfere, and the "
-            "fp32 steps fault far less than the QAT steps. `benchmarks/qat_step.py --hugetlb` also measures each "
-            "alone with few faults on either side.",
+            "fp32 steps fault far less than the QAT steps. `benchmarks/qat_step.py --hugetlb --tuned` also measures "
+            "each alone with few or no faults on either side.",
             "",
             "| net | batch | threads | fp32 step | QAT step | ratio, separate processes | page faults/step "
             "fp32 / QAT | same process: fp32, QAT | ratio, same process | page faults/step fp32 / QAT |",

@@ -170,3 +170,17 @@ def test_batch1_anatomy_reads_the_wrapper_cost_from_paired_calls(monkeypatch):
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     got = speed._paired_ms(advance(0.003), advance(0.001), 11)
     assert got == {"artifact_ms": 3.0, "runtime_ms": 1.0, "python_overhead_ms": 2.0}
+
+
+@pytest.mark.slow
+def test_qat_step_measures_under_the_glibc_settings_it_names():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import qat_step
+
+    got = qat_step.measure("smallcnn", batch=2, threads=1, processes=1, repeats=1, steps=1, hugetlb=True, tuned=True)
+    assert got["separate_processes"]["glibc_tunables"] == ["None"]
+    assert got["separate_processes_hugetlb"]["glibc_tunables"] == [qat_step.HUGETLB_ENV["GLIBC_TUNABLES"]]
+    assert got["separate_processes_tuned"]["glibc_tunables"] == [qat_step.TUNED_ENV["GLIBC_TUNABLES"]]
+    for key in ("separate_processes", "separate_processes_hugetlb", "separate_processes_tuned", "same_process"):
+        m = got[key]
+        assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]) and m["fp32_faults_per_step"] >= 0, key
