@@ -45,24 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TUNED_GLIBC, run_json_worker  # noqa: E402
+from benchmarks.common import TUNED_GLIBC, probe_big_malloc, run_json_worker  # noqa: E402
 
 ROUTES = ("x86_int8", "ort_int8")
 ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtime"}
 ALLOCATORS = ("glibc", "glibc_tuned", "preloaded")
-_BIG = 64 << 20  # above glibc's largest mmap threshold (32 MiB): mmap'd unless mmap_max=0
-_MALLINFO2_FIELDS = (
-    "arena",
-    "ordblks",
-    "smblks",
-    "hblks",
-    "hblkhd",
-    "usmblks",
-    "fsmblks",
-    "uordblks",
-    "fordblks",
-    "keepcost",
-)
 _LDCONFIG_NAMES = ("libjemalloc.so", "libtcmalloc_minimal.so", "libtcmalloc.so", "libmimalloc.so")
 
 FULL: dict[str, Any] = {
@@ -115,31 +102,6 @@ def malloc_owner() -> str | None:
     except OSError:
         return None
     return None
-
-
-def probe_big_malloc() -> dict[str, bool] | None:
-    """How glibc handles a 64 MiB ``malloc`` and its ``free``: proof that ``TUNED_GLIBC`` took effect.
-
-    ``mmapped``: served by ``mmap`` (not under ``mmap_max=0``). ``kept``: after the ``free``, glibc still holds the
-    64 MiB in its heap instead of trimming it back to the kernel (only with a trim threshold above it). glibc ignores a
-    tunable it does not know without a word. None where ``mallinfo2`` is missing (glibc < 2.33).
-    """
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in _MALLINFO2_FIELDS]
-
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    before = libc.mallinfo2().hblks
-    ptr = libc.malloc(_BIG)
-    mapped = libc.mallinfo2().hblks > before
-    libc.free(ptr)
-    return {"mmapped": mapped, "kept": libc.mallinfo2().keepcost >= _BIG}
 
 
 def _calls_per_round(name: str, batch: int) -> int:

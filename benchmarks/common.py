@@ -23,6 +23,19 @@ from lightning_quant.demo import DemoData, LitClassifier
 # glibc's malloc kept from returning memory to the kernel: no mmap'd chunks, no heap trimming (a 4 GiB threshold).
 # benchmarks/allocator.py times inference under it, benchmarks/qat_step.py --tuned training.
 TUNED_GLIBC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+_PROBE_BYTES = 64 << 20  # above glibc's largest mmap threshold (32 MiB): mmap'd unless mmap_max=0
+_MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
 
 # --------------------------------------------------------------------------------------------------------- nets
 
@@ -233,3 +246,29 @@ def run_json_worker(
         return json.loads(lines[-1])
     except json.JSONDecodeError as err:
         raise RuntimeError(f"{what} worker {payload} printed no result: {lines[-1][:200]!r}") from err
+
+
+def probe_big_malloc() -> dict[str, bool] | None:
+    """How glibc handles a 64 MiB ``malloc`` and its ``free``: proof that ``TUNED_GLIBC`` took effect.
+
+    ``mmapped``: served by ``mmap`` (not under ``mmap_max=0``). ``kept``: after the ``free``, glibc still holds the
+    64 MiB in its heap instead of trimming it back to the kernel (only with a trim threshold above it). glibc ignores a
+    tunable it does not know without a word. None where ``mallinfo2`` is missing (glibc < 2.33). Call it early: in a
+    heap that has served large blocks, a free chunk can take the request whatever the settings.
+    """
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in _MALLINFO2_FIELDS]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    ptr = libc.malloc(_PROBE_BYTES)
+    mapped = libc.mallinfo2().hblks > before
+    libc.free(ptr)
+    return {"mmapped": mapped, "kept": libc.mallinfo2().keepcost >= _PROBE_BYTES}

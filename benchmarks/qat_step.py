@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from benchmarks.common import TUNED_GLIBC  # noqa: E402
+from benchmarks.common import TUNED_GLIBC, machine, probe_big_malloc, run_json_worker  # noqa: E402
 
 INPUT_SHAPE = (1, 28, 28)
 HUGETLB_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -115,16 +115,17 @@ def _timed_rounds(steps: dict[str, Callable[[], None]], repeats: int, n: int) ->
 
 def worker(name: str, kinds: list[str], batch: int, threads: int, repeats: int, steps: int) -> dict[str, Any]:
     """One training process: ``kinds`` (``["fp32"]``, ``["qat"]`` or both, interleaved) timed in it."""
+    # first, while the heap is fresh (later a free chunk could serve it): whether glibc took the tunables
+    probe = probe_big_malloc()
     torch.set_num_threads(threads)
     x, y = _batch(batch)
     result: dict[str, Any] = _timed_rounds({k: _step_fn(_model(name, k), x, y) for k in kinds}, repeats, steps)
     result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+    result["big_malloc"] = probe
     return result
 
 
 def _run_worker(name: str, kinds: list[str], kw: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
-    from benchmarks.common import run_json_worker
-
     args = json.dumps([name, kinds, kw["batch"], kw["threads"], kw["repeats"], kw["steps"]])
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the baseline runs with glibc's defaults
     return run_json_worker(Path(__file__).resolve(), args, {**base, **env}, "QAT step")
@@ -156,9 +157,10 @@ def separate_processes(name: str, *, processes: int, env: dict[str, str] | None 
     for i in range(processes):
         for kind in ("fp32", "qat") if i % 2 == 0 else ("qat", "fp32"):
             r = _run_worker(name, [kind], kw, env)
-            runs[kind].append({**r[kind], "glibc_tunables": r["glibc_tunables"]})
+            runs[kind].append({**r[kind], "glibc_tunables": r["glibc_tunables"], "big_malloc": r["big_malloc"]})
     tunables = sorted({str(r["glibc_tunables"]) for v in runs.values() for r in v})
-    extra = {"env": env, "processes_each": processes, "glibc_tunables": tunables}
+    probes = sorted({json.dumps(r["big_malloc"], sort_keys=True) for v in runs.values() for r in v})
+    extra = {"env": env, "processes_each": processes, "glibc_tunables": tunables, "big_malloc": probes}
     return _summary("separate processes", runs["fp32"], runs["qat"], **extra)
 
 
@@ -229,8 +231,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
-    from benchmarks.common import machine
-
     threads = args.threads or torch.get_num_threads()
     t0 = time.perf_counter()
     nets = {}
