@@ -12,7 +12,7 @@ touching the artifact; this measures by how much.
 
 At batch 32 on EfficientNet-Lite0 the cost is elsewhere: ``perf`` (50 calls, 1 thread) put 46% of the samples in
 oneDNN's JIT kernels, 17% in the package's own kernels (the input quantize, four pads, the final mean) and 33% in the
-Linux kernel, faulting in fresh pages (25,000-27,000 minor faults per call, ~100 MB): glibc serves each large
+Linux kernel, faulting in fresh pages (19,000-27,000 minor faults per call, ~100 MB): glibc serves each large
 activation with ``mmap`` and unmaps it when freed, or trims the heap top it was carved from, so the next call faults
 it in again. ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>`` keeps them in the heap
 (no extra library); setting the trim threshold alone was worse here (it turns off glibc's adaptive mmap threshold:
