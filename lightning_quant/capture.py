@@ -77,6 +77,33 @@ def get_submodule(root: nn.Module, name: str) -> nn.Module:
     return root if name == SELF else root.get_submodule(name)
 
 
+def compiled_wrapper_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) holds, or None for any other module."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _refuse_compiled_wrapper(root: nn.Module, name: str) -> None:
+    """Raise if ``name`` is, or lies inside, a ``torch.compile`` wrapper.
+
+    Calls go through code compiled for the original module, so a stand-in installed there is never called (and the
+    wrapper's ``forward(*args, **kwargs)`` cannot be captured).
+    """
+    if name == SELF:
+        return
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        path = ".".join(parts[:i])
+        inner = compiled_wrapper_inner(root.get_submodule(path))
+        if inner is not None:
+            raise ValueError(
+                f"Cannot quantize {name!r}: {path!r} is a `torch.compile` wrapper (OptimizedModule) around "
+                f"`{type(inner).__name__}`, and int8 quantization captures and replaces the module itself, which the "
+                f"wrapper hides. Compile it in place instead: `self.{path} = module; self.{path}.compile()` rather "
+                f"than `self.{path} = torch.compile(module)` (same compiled speed; the module stays itself)."
+            )
+
+
 def resolve_targets(root: nn.Module, modules: tuple[str, ...] | None) -> tuple[str, ...]:
     """Validate ``modules=`` against ``root`` (suggesting close names) or pick the default targets.
 
@@ -103,6 +130,7 @@ def resolve_targets(root: nn.Module, modules: tuple[str, ...] | None) -> tuple[s
                 ) from None
     for name in targets:
         module = get_submodule(root, name)
+        _refuse_compiled_wrapper(root, name)
         if name == SELF and not overrides_forward(root):
             raise ValueError(
                 f"Expected argument `modules` to name a submodule, but 'self' was chosen and `{type(root).__name__}` "

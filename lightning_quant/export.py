@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
 from lightning_quant.capture import ROUTE_ATTR
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, resolve_backend
-from lightning_quant.quantize import META_KEY, pad_single_channel_qconvs
+from lightning_quant.quantize import META_KEY, contiguous_linear_inputs, pad_single_channel_qconvs
 
 SIDECAR_FORMAT = 1
 
@@ -198,6 +198,29 @@ def _compact_aoti_package(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------- saving
 
 
+def _contiguous(x: Any) -> Any:
+    return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+
+@contextlib.contextmanager
+def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
+    """Say what failed, and what was kept, when the backend's compiler raises from deep inside torch."""
+    try:
+        yield
+    except ModuleNotFoundError:  # the arm extra is missing: _torchao's message says what to install
+        raise
+    except Exception as err:
+        what = f"submodule {name!r}" if name else "the model"
+        compiler = "AOTInductor" if backend == "x86" else "ExecuTorch's XNNPACK lowering"
+        cause = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(
+            f"{compiler} could not compile the int8 program of {what} for backend {backend!r} "
+            f"({type(err).__name__}: {cause}). Nothing was written (an earlier artifact at the path is kept) and the "
+            "float model is unchanged. The other backend compiles with another toolchain and may succeed; please "
+            "report this failure with the model's layer types."
+        ) from err
+
+
 def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> dict:
     """Export an int8 model from :func:`~lightning_quant.quantize_ptq` (or a callback) to its backend's artifact.
 
@@ -222,21 +245,25 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, "
             f"but got {str(path)!r}."
         )
-    args, kwargs = info["example_inputs"]
+    # The artifact is called with contiguous tensors (QuantizedArtifact.forward): export it for them. Example inputs
+    # recorded in another memory format (channels_last) would compile the program for their strides.
+    args, kwargs = tree_map(_contiguous, info["example_inputs"])
     if backend.name == "x86":
         quantized = copy.deepcopy(quantized)
         pad_single_channel_qconvs(quantized)
+        contiguous_linear_inputs(quantized)
     ep = capture_export(quantized, args, kwargs, max_batch_size=info["max_batch_size"], name=info["name"])
     extra: dict[str, Any] = {}
     with atomic_path(path) as tmp:
         if backend.name == "x86":
             # Inductor freezes (and so prepacks int8 weights) only with grad off
-            with torch.no_grad(), tempfile.TemporaryDirectory() as overlay:
+            with torch.no_grad(), tempfile.TemporaryDirectory() as overlay, _compiler_errors("x86", info["name"]):
                 configs = {"freezing": True, **_aoti_size_configs(Path(overlay))}
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
             _compact_aoti_package(tmp)
         else:
-            data, undelegated = _torchao.lower_to_executorch(ep)
+            with _compiler_errors(backend.name, info["name"]):
+                data, undelegated = _torchao.lower_to_executorch(ep)
             tmp.write_bytes(data)
             extra["undelegated_ops"] = undelegated
         digest = sha256_file(tmp)

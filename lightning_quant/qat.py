@@ -143,6 +143,15 @@ class QATCallback(QuantResults, Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QATCallback")
+        if stage != "fit":
+            try:
+                resolve_targets(pl_module, self.config.modules)
+            except ValueError as err:  # e.g. the int8 artifact swapped in after fit, to evaluate it
+                pl.utilities.rank_zero_warn(
+                    f"QATCallback does nothing in `trainer.{getattr(stage, 'value', stage)}`, and a QAT checkpoint "
+                    f"cannot be loaded into this model: {err}"
+                )
+                return
         self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
         check_siblings(self, trainer, pl_module)
         if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):

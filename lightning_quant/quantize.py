@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from lightning_quant import _bias_correction, _torchao
-from lightning_quant.capture import ROUTE_ATTR, CallNormalizer, batch_size_of, detach_inputs, export
+from lightning_quant.capture import (
+    ROUTE_ATTR,
+    CallNormalizer,
+    batch_size_of,
+    compiled_wrapper_inner,
+    detach_inputs,
+    export,
+)
 from lightning_quant.config import QuantConfig
 
 #: key of the converted GraphModule's ``meta`` dict where capture details are kept for export
@@ -103,6 +110,40 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
     if fixed:
         graph.eliminate_dead_code()
         strip_unused_attrs(gm)
+    return fixed
+
+
+def contiguous_linear_inputs(gm: torch.fx.GraphModule) -> int:
+    """Quantize each int8 linear's input from a contiguous copy (fused into the quantize kernel, no extra buffer).
+
+    Works around a torchao bug (0.18): an int8 linear on a non-contiguous input of more than two dimensions (tokens
+    from ``x.flatten(2).transpose(1, 2)``, the projections inside ``nn.MultiheadAttention``) with a dynamic batch
+    makes Inductor's weight freezing raise ``TypeError: torch.Size() takes an iterable of 'int'``. Applied to a
+    converted graph before export for x86; same results. Returns the number of linears whose input was changed.
+    """
+    qd = torch.ops.quantized_decomposed
+    graph = gm.graph
+    fixed = 0
+    for linear in list(graph.nodes):
+        if linear.op != "call_function" or linear.target != torch.ops.aten.linear.default:
+            continue
+        x_dq = linear.args[0]
+        if getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
+            continue
+        x_q = x_dq.args[0]
+        if getattr(x_q, "target", None) != qd.quantize_per_tensor.default:
+            continue
+        src = x_q.args[0]
+        if getattr(src, "target", None) == torch.ops.aten.clone.default:
+            continue  # done (a quantize shared by several linears)
+        with graph.inserting_before(x_q):
+            copy_ = graph.call_function(
+                torch.ops.aten.clone.default, (src,), {"memory_format": torch.contiguous_format}
+            )
+        x_q.replace_input_with(src, copy_)
+        fixed += 1
+    if fixed:
+        gm.recompile()
     return fixed
 
 
@@ -245,6 +286,7 @@ def quantize_ptq(
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"Expected argument `input_fn` to be callable or None, but got {type(input_fn).__name__}.")
+    model = compiled_wrapper_inner(model) or model  # torch.compile(net): quantize net (captured, never changed)
     calib = CalibrationGraph(model, type(model).__name__, config)
     with torch.no_grad():
         for item in calibration_data:

@@ -180,6 +180,18 @@ def test_resolve_targets_errors(root, modules, match):
         resolve_targets(root(), modules)
 
 
+@pytest.mark.parametrize("modules", [None, ("model",), ("model._orig_mod",), ("model._orig_mod.conv",)])
+def test_resolve_targets_refuses_a_torch_compile_wrapper_and_accepts_in_place_compile(modules):
+    root = WithModel()
+    root.model = torch.compile(root.model)  # a wrapper: calls run code compiled for the module it hides
+    with pytest.raises(ValueError, match=r"'model' is a `torch.compile` wrapper \(OptimizedModule\) around `TinyConv"):
+        resolve_targets(root, modules)
+    root.model = root.model._orig_mod
+    root.model.compile()  # in place: the module stays itself
+    plain = None if modules is None else tuple(m.replace("._orig_mod", "") for m in modules)
+    assert resolve_targets(root, plain) == (plain or ("model",))
+
+
 # ------------------------------------------------------------------------------------------ swapping
 
 

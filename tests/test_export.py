@@ -135,6 +135,61 @@ def test_arm_round_trip_in_fresh_process(arm_artifact, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=pytest.mark.arm)])
+def test_channels_last_calibration_inputs_export_a_correct_artifact(tiny_net, tmp_path, backend):
+    # Inputs recorded at calibration in channels_last used to compile the program for their strides; the artifact
+    # (always fed contiguous tensors) then returned wrong outputs for every input layout, without an error.
+    torch.manual_seed(0)
+    model = with_bn_statistics(tiny_net(), torch.randn(16, 3, 8, 8))
+    calib = [torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    q = quantize_ptq(model, calib, backend=backend, num_calibration_samples=16, max_batch_size=16)
+    path = tmp_path / ("m.pt2" if backend == "x86" else "m.pte")
+    save(q, path)
+    runner = load(path)
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        ref = q(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = runner(x.contiguous(memory_format=layout))
+            atol = 1e-4 if backend == "x86" else 1.01 * _output_step(q) + 1e-6
+            torch.testing.assert_close(out, ref, atol=atol, rtol=0, msg=f"{layout}")
+
+
+class _Tokens(nn.Module):
+    """Linears on non-contiguous (batch, tokens, channels) inputs, attention between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 16)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.proj(x.flatten(2).transpose(1, 2))
+        a, _ = self.att(t, t, t)
+        return self.fc(a.mean(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=pytest.mark.arm)])
+def test_linears_on_transposed_tokens_export(tmp_path, backend):
+    # x86: torchao's weight-freezing pass raised TypeError inside Inductor on these (see contiguous_linear_inputs)
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    q = quantize_ptq(model, [torch.randn(16, 3, 8, 8)], backend=backend, num_calibration_samples=16, max_batch_size=16)
+    assert sum(n.target == torch.ops.aten.linear.default for n in q.graph.nodes) == 4  # proj, in/out proj, fc
+    path = tmp_path / ("m.pt2" if backend == "x86" else "m.pte")
+    save(q, path)
+    runner = load(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            out, ref, fp32 = runner(x), q(x), model(x)
+        assert float((out - ref).abs().max()) < (1e-4 if backend == "x86" else 0.05 * float(ref.abs().max()))
+        assert float((out - fp32).abs().max()) < 0.2 * float(fp32.max() - fp32.min())  # int8, not broken
+
+
+@pytest.mark.slow
 def test_x86_loaded_in_process(x86_artifact, x86_loaded, float_model):
     assert isinstance(x86_loaded, QuantizedArtifact)
     assert x86_loaded.backend == "x86"
@@ -298,6 +353,22 @@ def test_failed_save_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monk
     assert sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(load(path)(x), x86_artifact.q(x), atol=1e-4, rtol=0)  # still the earlier model
+
+
+@pytest.mark.slow
+def test_compiler_failure_names_the_model_and_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monkeypatch):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise TypeError("torch.Size() takes an iterable of 'int' (item 0 is 'Node')\n<a deep Inductor trace>")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", crash)
+    match = r"AOTInductor could not compile .* for backend 'x86' \(TypeError: torch"
+    with pytest.raises(RuntimeError, match=match) as e:
+        save(tiny_q, path)
+    assert "deep Inductor trace" not in str(e.value) and isinstance(e.value.__cause__, TypeError)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
 
-from lightning_quant import QATCallback, QATGraph, QuantConfig, _torchao, load, save
+from lightning_quant import PTQCallback, QATCallback, QATGraph, QuantConfig, _torchao, load, save
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
 
 
@@ -414,6 +414,16 @@ def test_modules_naming_nothing_fails_at_setup(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("callback", [QATCallback, PTQCallback])
+def test_torch_compile_wrapped_model_fails_at_setup(tmp_path, callback):
+    model = DropoutNet()
+    model.model = torch.compile(model.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"torch.compile. wrapper .*self\.model\.compile\(\)"):
+        _fit(model, [callback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before training
+
+
 class _Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
@@ -445,6 +455,21 @@ def test_validate_after_fit_runs_eval_mode_and_leaves_observers_and_bn(qat_run):
     trainer.validate(model, _loaders()[1], verbose=False)
     assert _changed(obs, _observer_state(model)) == []
     assert _changed(bn, _bn_stats(model)) == []
+
+
+@pytest.mark.slow
+def test_validate_the_reloaded_artifact_with_the_qat_trainer(tmp_path):
+    from test_ptq import _loaders
+
+    pl.seed_everything(0)
+    model = DropoutNet()
+    qat = QATCallback(start_epoch=0, dirpath=str(tmp_path / "q"))
+    trainer = _fit(model, [qat], tmp_path, max_epochs=1)
+    model.model = load(qat.artifacts["model"])  # evaluate the int8 artifact itself, with the same Trainer
+    with pytest.warns(UserWarning, match=r"QATCallback does nothing in `trainer.validate`.*no quantizable layers"):
+        (out,) = trainer.validate(model, _loaders()[1], verbose=False)
+    assert out["val_acc"] == pytest.approx(trainer.callback_metrics["val_acc"].item())
+    assert 0.0 <= out["val_acc"] <= 1.0
 
 
 @pytest.mark.slow

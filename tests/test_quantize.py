@@ -90,6 +90,15 @@ def test_input_fn_maps_items_to_inputs(tiny_net):
     _close_to_fp32(q(x), net(x))
 
 
+def test_a_torch_compile_wrapper_is_quantized_as_the_module_it_wraps(tiny_net):
+    calib = [torch.randn(4, 3, 8, 8)]
+    wrapped = torch.compile(tiny_net())
+    q = quantize_ptq(wrapped, calib, num_calibration_samples=4, max_batch_size=8)
+    ref = quantize_ptq(tiny_net(), calib, num_calibration_samples=4, max_batch_size=8)
+    x = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(q(x), ref(x), atol=0, rtol=0)
+
+
 def test_batch_one_calibration_gives_dynamic_batch(tiny_net):
     net = tiny_net()
     q = quantize_ptq(net, [torch.randn(1, 3, 8, 8) for _ in range(4)], num_calibration_samples=4, max_batch_size=32)
