@@ -221,6 +221,33 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
         ) from err
 
 
+# Keys ``save`` writes into the sidecar itself; ``metadata`` may add others (and ``metrics``).
+_SIDECAR_KEYS = (
+    "format", "backend", "artifact", "file", "sha256", "size_bytes", "contains_native_code", "submodule", "inputs",
+    "in_spec", "out_spec", "max_batch_size", "num_calibration_samples", "observer", "weight_granularity",
+    "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops",
+)  # fmt: skip
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError(f"Expected argument `metadata` to be a dict with str keys, but got {type(metadata).__name__}.")
+    reserved = sorted(set(metadata) & set(_SIDECAR_KEYS))
+    if reserved:
+        raise ValueError(
+            f"Expected argument `metadata` to leave the sidecar's own keys alone, but it sets {reserved}; rename them."
+        )
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"Expected argument `metadata` to hold JSON values (str, numbers, bools, None, lists, dicts), but {err}; "
+            "convert tensors with `.item()` or `.tolist()`."
+        ) from None
+
+
 def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> dict:
     """Export an int8 model from :func:`~lightning_quant.quantize_ptq` (or a callback) to its backend's artifact.
 
@@ -239,12 +266,20 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             f"callback's `quantized_model`, but got {type(quantized).__name__}."
         )
     backend = BACKENDS[info["backend"]]
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected argument `path` to be a file path, but got {type(path).__name__}.")
     path = Path(path)
     if path.suffix != backend.suffix:
         raise ValueError(
             f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, "
             f"but got {str(path)!r}."
         )
+    if path.is_dir():
+        raise ValueError(f"Expected argument `path` to name a file, but {str(path)!r} is a folder.")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"Expected argument `path` to lie in a folder, but {str(parent)!r} is a file.")
+    _check_metadata(metadata)
     # The artifact is called with contiguous tensors (QuantizedArtifact.forward): export it for them. Example inputs
     # recorded in another memory format (channels_last) would compile the program for their strides.
     args, kwargs = tree_map(_contiguous, info["example_inputs"])
@@ -268,31 +303,33 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             extra["undelegated_ops"] = undelegated
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "backend": backend.name,
-        "artifact": backend.artifact,
-        "file": path.name,
-        "sha256": digest,
-        "size_bytes": size,
-        "contains_native_code": backend.name == "x86",
-        "submodule": info["name"],
-        "inputs": _input_spec(args, kwargs),
-        "in_spec": treespec_dumps(ep.call_spec.in_spec),
-        "out_spec": treespec_dumps(ep.call_spec.out_spec),
-        "max_batch_size": info["max_batch_size"],
-        "num_calibration_samples": info.get("num_calibration_samples"),
-        "observer": info.get("observer"),
-        "weight_granularity": info.get("weight_granularity", "per_channel"),
-        "bias_corrected_layers": info.get("bias_corrected_layers", 0),
-        "versions": _versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine()},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": {},
-        **extra,
-        **(metadata or {}),
-    }
-    write_json_atomic(sidecar_path(path), sidecar)
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "backend": backend.name,
+            "artifact": backend.artifact,
+            "file": path.name,
+            "sha256": digest,
+            "size_bytes": size,
+            "contains_native_code": backend.name == "x86",
+            "submodule": info["name"],
+            "inputs": _input_spec(args, kwargs),
+            "in_spec": treespec_dumps(ep.call_spec.in_spec),
+            "out_spec": treespec_dumps(ep.call_spec.out_spec),
+            "max_batch_size": info["max_batch_size"],
+            "num_calibration_samples": info.get("num_calibration_samples"),
+            "observer": info.get("observer"),
+            "weight_granularity": info.get("weight_granularity", "per_channel"),
+            "bias_corrected_layers": info.get("bias_corrected_layers", 0),
+            "versions": _versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine()},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "metrics": {},
+            **extra,
+            **(metadata or {}),
+        }
+        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"  # before the artifact replaces an earlier one
+    with atomic_path(sidecar_path(path)) as tmp:
+        tmp.write_text(text)
     return sidecar
 
 
@@ -394,6 +431,11 @@ class QuantizedArtifact(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(
                     f"{self.path.name}: input `{s.get('name', i)}` must be a Tensor, but got {type(x).__name__}."
+                )
+            if x.device.type != "cpu":
+                raise ValueError(
+                    f"{self.path.name}: input `{s.get('name', i)}` must be on the CPU (int8 artifacts run on "
+                    f"CPUs), but it is on {x.device}; pass `x.cpu()`."
                 )
             shape = list(x.shape)
             want = s["shape"]

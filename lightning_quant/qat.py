@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, finish
-from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets
+from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.qat_graph import QATGraph
 
@@ -46,7 +46,8 @@ class QATCallback(QuantResults, Callback):
         backend: ``"x86"`` (aliases ``"fbgemm"``, ``"onednn"``) or ``"arm"`` (aliases ``"qnnpack"``, ``"xnnpack"``).
         start_epoch: first epoch trained with fake quantization (0 = from the start, e.g. fine-tuning a float model).
         freeze_bn_epoch: from this epoch BatchNorm uses and keeps its running statistics (``None``: never).
-        freeze_observer_epoch: from this epoch scales and zero points stop changing (``None``: never).
+        freeze_observer_epoch: from this epoch (> ``start_epoch``) scales and zero points stop changing (``None``:
+            never).
         weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales, as in
             :class:`~lightning_quant.PTQCallback`.
         modules: what to quantize, as in :class:`~lightning_quant.PTQCallback`.
@@ -100,6 +101,13 @@ class QATCallback(QuantResults, Callback):
                     f"Expected argument `{name}` to be >= `start_epoch` ({self.start_epoch}), but got {value}: "
                     f"there is nothing to freeze before QAT starts. Use {name}={self.start_epoch} or later."
                 )
+        if self.freeze_observer_epoch is not None and self.freeze_observer_epoch == self.start_epoch:
+            raise ValueError(
+                f"Expected argument `freeze_observer_epoch` to be > `start_epoch` ({self.start_epoch}), but got "
+                f"{self.freeze_observer_epoch}: frozen from QAT's first epoch, the observers would never see data and "
+                f"the model would have no scales to convert with. Use freeze_observer_epoch={self.start_epoch + 1} or "
+                "later."
+            )
         if not isinstance(export, bool):
             raise TypeError(f"Expected argument `export` to be a bool, but got {export!r}.")
         expect_output_args(dirpath, evaluate, metric_suffix)
@@ -181,6 +189,14 @@ class QATCallback(QuantResults, Callback):
                 graph = QATGraph(current, name, self.config).to(_device_of(current))
                 install(pl_module, name, graph.train(current.training))
         return self.graphs(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
+        # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
+        for name, graph in self.graphs(pl_module).items():
+            if not graph.captured:
+                uninstall(pl_module, name, graph.float_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

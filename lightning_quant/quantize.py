@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from lightning_quant import _bias_correction, _torchao
 from lightning_quant.capture import (
@@ -180,6 +181,13 @@ class CalibrationGraph(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        batch = batch_size_of((args, kwargs))
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and bool(leaf.isnan().any()):
+                raise ValueError(
+                    f"Calibration batch {self.num_batches + 1} of {self.name!r} holds NaN values: observers cannot "
+                    "take a range from them. Clean the calibration data (or its `input_fn`)."
+                )
         if self.prepared is None:
             self.example_inputs = detach_inputs(args, kwargs)
             self._normalize = CallNormalizer(self._snapshot[0], args, kwargs)
@@ -197,10 +205,31 @@ class CalibrationGraph(nn.Module):
                 )
             if self.config.bias_correction:
                 _bias_correction.attach(self.prepared)
-        self.num_samples += batch_size_of((args, kwargs)) or 1
+        if batch is not None and batch > self.config.max_batch_size:
+            raise ValueError(
+                f"Expected argument `max_batch_size` ({self.config.max_batch_size}) to be at least the batch size "
+                f"{self.name!r} is called with ({batch}, calibration batch {self.num_batches + 1}). Raise "
+                "`max_batch_size` or use smaller batches."
+            )
+        self.num_samples += batch or 1
         self.num_batches += 1
         args, kwargs = self._normalize(args, kwargs)
-        return self.prepared(*args, **kwargs)
+        try:
+            return self.prepared(*args, **kwargs)
+        except AssertionError as err:  # the captured graph's shape guards
+            if "Guard failed" not in str(err):
+                raise
+            raise ValueError(
+                f"Calibration batch {self.num_batches} of {self.name!r} does not match the inputs it was captured with "
+                f"({err}): every batch needs the first batch's shapes apart from the batch size, and its dtypes."
+            ) from None
+        except RuntimeError as err:  # an observer's histogram of a tensor holding +-inf (infinite masks are fine)
+            if "not finite" not in str(err):
+                raise
+            raise ValueError(
+                f"Calibration batch {self.num_batches} of {self.name!r} sent infinite values into a layer to be "
+                f"quantized ({err}); observers cannot take a range from them. Clean the calibration data."
+            ) from None
 
     def convert(self) -> torch.fx.GraphModule:
         """Convert a copy of the calibrated graph to int8 (the observing graph stays usable)."""
@@ -286,6 +315,16 @@ def quantize_ptq(
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"Expected argument `input_fn` to be callable or None, but got {type(input_fn).__name__}.")
+    if not isinstance(calibration_data, Iterable):
+        raise TypeError(
+            "Expected argument `calibration_data` to be an iterable of batches (a DataLoader or a list of tensors), "
+            f"but got {type(calibration_data).__name__}."
+        )
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(
+            "Expected argument `model` to hold real weights, but some are on the 'meta' device (no data). Load its "
+            "weights (e.g. `model.to_empty(device='cpu')` then `load_state_dict`) first."
+        )
     model = compiled_wrapper_inner(model) or model  # torch.compile(net): quantize net (captured, never changed)
     calib = CalibrationGraph(model, type(model).__name__, config)
     with torch.no_grad():

@@ -312,8 +312,9 @@ def test_load_wrong_backend(x86_artifact):
         ((torch.randn(MAX_BATCH + 1, 1, 28, 28),), ValueError, rf"batch {MAX_BATCH + 1} exceeds .* {MAX_BATCH};"),
         ((torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)), ValueError, r"expects 1 inputs, but got 2"),
         ((3.0,), TypeError, r"input `args\[0\]` must be a Tensor, but got float"),
+        ((torch.randn(2, 1, 28, 28, device="meta"),), ValueError, r"must be on the CPU .* on meta; pass `x.cpu\(\)`"),
     ],
-    ids=["shape", "ndim", "dtype", "batch-over-max", "count", "not-a-tensor"],
+    ids=["shape", "ndim", "dtype", "batch-over-max", "count", "not-a-tensor", "meta-device"],
 )
 def test_loaded_artifact_checks_inputs(x86_loaded, args, exc, match):
     with pytest.raises(exc, match=match):
@@ -369,6 +370,47 @@ def test_compiler_failure_names_the_model_and_keeps_earlier_artifact(x86_artifac
         save(tiny_q, path)
     assert "deep Inductor trace" not in str(e.value) and isinstance(e.value.__cause__, TypeError)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "exc", "match"),
+    [
+        ({"val_acc": torch.tensor(0.9)}, TypeError, r"`metadata` to hold JSON values .* not JSON serializable"),
+        ({"sha256": "x"}, ValueError, r"`metadata` to leave the sidecar's own keys alone, but it sets \['sha256'\]"),
+        (["run"], TypeError, r"`metadata` to be a dict with str keys, but got list"),
+        ({1: "a"}, TypeError, r"`metadata` to be a dict with str keys"),
+    ],
+    ids=["tensor", "reserved-key", "list", "int-key"],
+)
+def test_bad_metadata_is_refused_before_anything_is_written(tiny_q, tmp_path, metadata, exc, match):
+    with pytest.raises(exc, match=match):
+        save(tiny_q, tmp_path / "m.pt2", metadata=metadata)
+    assert os.listdir(tmp_path) == []
+
+
+def _made(path: Path, folder: bool = False) -> Path:
+    path.mkdir() if folder else path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (lambda d: None, TypeError, r"`path` to be a file path, but got NoneType"),
+        (lambda d: _made(d / "dir.pt2", folder=True), ValueError, r"'.*dir.pt2' is a folder"),
+        (lambda d: _made(d / "f") / "m.pt2", ValueError, r"`path` to lie in a folder, but '.*f' is a file"),
+    ],
+    ids=["none", "folder", "parent-is-a-file"],
+)
+def test_bad_paths_are_refused_before_compiling(tiny_q, tmp_path, make, exc, match):
+    with pytest.raises(exc, match=match):
+        save(tiny_q, make(tmp_path))
+
+
+@pytest.mark.slow
+def test_sidecar_keys_are_the_reserved_ones(x86_artifact):
+    written = set(x86_artifact.sidecar) - {"metrics", "run"}  # `run` came in as metadata
+    assert written <= set(export_mod._SIDECAR_KEYS)
 
 
 @pytest.fixture(scope="module")

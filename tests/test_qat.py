@@ -389,6 +389,7 @@ def test_qat_from_cuda_exports_on_cpu_and_trains_on(cuda_run):
         ({"freeze_bn_epoch": -2}, ValueError, r"`freeze_bn_epoch`"),
         ({"start_epoch": 3, "freeze_bn_epoch": 2}, ValueError, r"`freeze_bn_epoch`.*>= `start_epoch` \(3\)"),
         ({"start_epoch": 3, "freeze_observer_epoch": 1}, ValueError, r"`freeze_observer_epoch`.*>= `start_epoch`"),
+        ({"start_epoch": 2, "freeze_observer_epoch": 2}, ValueError, r"`freeze_observer_epoch` to be > .*epoch=3"),
         ({"freeze_observer_epoch": "4"}, TypeError, r"`freeze_observer_epoch`"),
         ({"backend": "armv7"}, ValueError, r"`backend`.*Did you mean 'arm'"),
         ({"modules": []}, ValueError, r"`modules`"),
@@ -442,8 +443,12 @@ class UntraceableNet(_Base):
 def test_untraceable_submodule_names_it(tmp_path):
     from lightning_quant import CaptureError
 
+    model = UntraceableNet()
+    inner, keys = model.model, list(model.state_dict())
     with pytest.raises(CaptureError, match=r"could not capture 'model' \(_Untraceable\)"):
-        _fit(UntraceableNet(), [QATCallback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+        _fit(model, [QATCallback(dirpath=str(tmp_path))], tmp_path, max_epochs=1)
+    assert model.model is inner and list(model.state_dict()) == keys  # the float submodule is given back
+    _fit(model, [], tmp_path, max_epochs=1)  # and trains on without the plugin
 
 
 @pytest.mark.slow

@@ -221,6 +221,28 @@ def test_data_dependent_model_raises_capture_error():
         ({"max_batch_size": 1}, ValueError, r"`max_batch_size`"),
         ({"weight_granularity": "per_chanel"}, ValueError, r"`weight_granularity`.*Did you mean 'per_channel'"),
         ({"input_fn": 3}, TypeError, r"`input_fn` to be callable"),
+        ({"calibration_data": None}, TypeError, r"`calibration_data` to be an iterable of batches .*but got NoneType"),
+        ({"model": nn.Linear(2, 2, device="meta")}, ValueError, r"`model` to hold real weights, .*'meta'"),
+        (
+            {"calibration_data": [torch.randn(2, 3, 8, 8), torch.full((2, 3, 8, 8), float("nan"))]},
+            ValueError,
+            r"Calibration batch 2 of 'TinyConvNet' holds NaN values",
+        ),
+        (
+            {"calibration_data": [torch.randn(2, 3, 8, 8), torch.full((2, 3, 8, 8), float("inf"))]},
+            ValueError,
+            r"Calibration batch 2 of 'TinyConvNet' sent infinite values into a layer to be quantized",
+        ),
+        (
+            {"calibration_data": [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 9, 9)], "num_calibration_samples": 8},
+            ValueError,
+            r"Calibration batch 2 of 'TinyConvNet' does not match the inputs it was captured with .*Guard failed",
+        ),
+        (
+            {"calibration_data": [torch.randn(2, 3, 8, 8), torch.randn(6, 3, 8, 8)], "max_batch_size": 4},
+            ValueError,
+            r"`max_batch_size` \(4\) to be at least the batch size .* \(6, calibration batch 2\)",
+        ),
     ],
     ids=[
         "samples-0",
@@ -233,6 +255,12 @@ def test_data_dependent_model_raises_capture_error():
         "max-batch-1",
         "weight-granularity",
         "input-fn",
+        "data-none",
+        "meta-model",
+        "nan-batch",
+        "inf-batch",
+        "later-batch-shape",
+        "later-batch-over-max",
     ],
 )
 def test_bad_inputs(tiny_net, kwargs, exc, match):
