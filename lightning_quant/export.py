@@ -371,6 +371,8 @@ class ArtifactError(RuntimeError):
 
 def read_sidecar(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"Expected argument `path` to be an artifact file, but {str(path)!r} is a folder.")
     if not path.is_file():
         raise FileNotFoundError(f"Expected argument `path` to be an artifact file, but {str(path)!r} does not exist.")
     sc = sidecar_path(path)
@@ -385,7 +387,26 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"The sidecar {str(sc)!r} is not valid JSON ({err}).") from None
     if not isinstance(data, dict) or data.get("backend") not in BACKENDS or "sha256" not in data:
         raise ArtifactError(f"The sidecar {str(sc)!r} is not a lightning-quant sidecar (no backend/sha256).")
+    bad = [k for k, kind in _SIDECAR_TYPES.items() if not _has_type(data.get(k), kind)]
+    if not bad:
+        try:
+            treespec_loads(data["in_spec"]), treespec_loads(data["out_spec"])
+        except Exception:
+            bad = ["in_spec/out_spec"]
+    if bad:
+        raise ArtifactError(
+            f"The sidecar {str(sc)!r} lacks or has invalid {bad}: it was edited or written by another version. "
+            "Re-export the artifact (its sidecar describes how to call it)."
+        )
     return data
+
+
+# What loading and calling an artifact read from its sidecar.
+_SIDECAR_TYPES = {"in_spec": str, "out_spec": str, "inputs": list, "max_batch_size": int}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 class QuantizedArtifact(nn.Module):

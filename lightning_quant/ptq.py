@@ -107,6 +107,27 @@ class PTQCallback(QuantResults, Callback):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fail before training, not after it, on what the dataloaders will need at fit end.
+        if type(self).calibration_loader is not PTQCallback.calibration_loader:
+            return  # a custom calibration source: checked when it is used
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        source = getattr(val_loop, "_data_source", None)
+        if self.config.calibration_data == "val" and source is not None and source.is_defined():
+            val_loop.setup_data()  # what the first validation does (once)
+        loaders = {"calibration": self.calibration_loader(trainer)}
+        if self.evaluate:
+            loaders["validation (int8 evaluation)"] = first_loader(trainer.val_dataloaders)
+        for what, loader in loaders.items():
+            batch = getattr(loader, "batch_size", None)
+            if isinstance(batch, int) and batch > self.config.max_batch_size:
+                raise ValueError(
+                    f"Expected argument `max_batch_size` ({self.config.max_batch_size}) to be at least the batch size "
+                    f"of the {what} dataloader ({batch}): the int8 artifact takes batches up to `max_batch_size`. "
+                    "Raise `max_batch_size` or use smaller batches."
+                )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return

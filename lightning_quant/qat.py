@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -341,7 +343,25 @@ def load_qat_checkpoint(
     from lightning.fabric.utilities.cloud_io import _load as pl_load
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=weights_only)
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise TypeError(f"Expected argument `cls` to be a LightningModule class, but got {cls!r}.")
+    if not isinstance(checkpoint_path, (str, os.PathLike)) or not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(
+            f"Expected argument `checkpoint_path` to be a checkpoint file, but got {checkpoint_path!r}."
+        )
+    try:
+        checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # not a checkpoint, or one weights-only unpickling refuses
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {str(checkpoint_path)!r} could not "
+            f"be loaded ({type(err).__name__}: {first}). For a checkpoint you trust that holds other objects, pass "
+            "`weights_only=False`."
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {checkpoint_path!r} is not."
+        )
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)]
     if not states:
         raise ValueError(

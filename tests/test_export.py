@@ -274,6 +274,30 @@ def test_load_invalid_sidecar(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("in_spec", None), ("in_spec", "garbage"), ("out_spec", None), ("inputs", None), ("max_batch_size", "64")],
+)
+def test_load_refuses_a_sidecar_missing_what_calls_need(x86_artifact, tmp_path, key, value):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    sidecar = Path(str(path) + ".json")
+    data = json.loads(sidecar.read_text())
+    if value is None:
+        del data[key]
+    else:
+        data[key] = value
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=rf"lacks or has invalid \[.*{key}.*\].*Re-export"):
+        load(path)
+
+
+def test_load_a_folder(tmp_path):
+    (tmp_path / "m.pt2").mkdir()
+    with pytest.raises(ArtifactError, match=r"`path` to be an artifact file, but .* is a folder"):
+        load(tmp_path / "m.pt2")
+
+
+@pytest.mark.slow
 def test_load_truncated_file(x86_artifact, tmp_path):
     path = _copy_artifact(x86_artifact.path, tmp_path)
     data = path.read_bytes()

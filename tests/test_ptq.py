@@ -299,6 +299,36 @@ def test_bad_setup_fails_before_training(model_cls, cb_kwargs, match, tmp_path):
     _assert_same_state(before, model)
 
 
+@pytest.mark.parametrize(
+    ("cb_kwargs", "match"),
+    [
+        ({"max_batch_size": 16}, r"`max_batch_size` \(16\) .* batch size of the calibration dataloader \(32\)"),
+        ({"max_batch_size": 40}, r"`max_batch_size` \(40\) .* of the validation \(int8 evaluation\) dataloader \(48\)"),
+        ({"calibration_data": "val", "val": False}, r"Expected a val dataloader for calibration"),
+    ],
+    ids=["calibration-batch", "evaluation-batch", "no-val-loader"],
+)
+def test_dataloader_mismatch_fails_before_training(cb_kwargs, match, tmp_path):
+    model = AttrLayout()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = _loaders()
+    with_val = cb_kwargs.pop("val", True)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,  # the val loader is not built before training: the check builds it
+        callbacks=[PTQCallback(dirpath=str(tmp_path), **cb_kwargs)],
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, train, val if with_val else None)
+    assert trainer.global_step == 0
+    _assert_same_state(before, model)
+
+
 def test_dirpath_that_is_a_file_fails_before_training(tmp_path):
     f = tmp_path / "file"
     f.write_text("")

@@ -197,6 +197,21 @@ def test_load_qat_checkpoint_refuses_a_float_checkpoint(tmp_path):
         load_qat_checkpoint(DropoutNet, str(tmp_path / "f.ckpt"))
 
 
+def test_load_qat_checkpoint_bad_arguments(tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"`checkpoint_path` to be a Lightning checkpoint, but .*notes.txt. could not"):
+        load_qat_checkpoint(DropoutNet, tmp_path / "notes.txt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match=r"`checkpoint_path` to be a Lightning checkpoint, but .*list.ckpt.* is not"):
+        load_qat_checkpoint(DropoutNet, tmp_path / "list.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"`checkpoint_path` to be a checkpoint file, but got .*missing.ckpt"):
+        load_qat_checkpoint(DropoutNet, tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match=r"`cls` to be a LightningModule class, but got 'DropoutNet'"):
+        load_qat_checkpoint("DropoutNet", tmp_path / "list.ckpt")
+
+
 class _CrashAt(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
