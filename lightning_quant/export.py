@@ -202,6 +202,29 @@ def _contiguous(x: Any) -> Any:
     return x.contiguous() if isinstance(x, torch.Tensor) else x
 
 
+def _require_tensor_outputs(gm: torch.fx.GraphModule, name: str | None) -> None:
+    """AOTInductor cannot return constants: refuse ``return y, None`` (or ``y, 3``) with a message, not a crash."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.fx.Node):
+            return
+        if isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}[{k!r}]")
+        else:
+            raise ValueError(
+                f"The x86 export needs every output of {name or 'the model'!r} to be a tensor, but output{where} "
+                f"(outputs in flattened order) is {value!r}, a constant AOTInductor cannot return. Return tensors "
+                "only, or export for backend='arm'."
+            )
+
+    (output,) = (n for n in gm.graph.nodes if n.op == "output")
+    walk(output.args[0], "")
+
+
 @contextlib.contextmanager
 def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
     """Say what failed, and what was kept, when the backend's compiler raises from deep inside torch."""
@@ -284,6 +307,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     # recorded in another memory format (channels_last) would compile the program for their strides.
     args, kwargs = tree_map(_contiguous, info["example_inputs"])
     if backend.name == "x86":
+        _require_tensor_outputs(quantized, info["name"])
         quantized = copy.deepcopy(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)

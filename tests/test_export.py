@@ -417,6 +417,24 @@ def _made(path: Path, folder: bool = False) -> Path:
     return path
 
 
+class _WithAux(nn.Module):
+    def __init__(self, aux: object) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.aux = aux
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.fc(x), {"aux": self.aux}
+
+
+@pytest.mark.parametrize("aux", [None, 3])
+def test_x86_refuses_constant_outputs_before_compiling(tmp_path, aux):
+    q = quantize_ptq(_WithAux(aux).eval(), [torch.randn(4, 4)], num_calibration_samples=4, max_batch_size=8)
+    with pytest.raises(ValueError, match=rf"output\[1\] \(outputs in flattened order\) is {aux}, a constant"):
+        save(q, tmp_path / "m.pt2")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     ("make", "exc", "match"),
     [
