@@ -323,10 +323,20 @@ def export(
             ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        if isinstance(err, TypeError) and "argument" in reason:  # the call does not bind to forward's signature
+            advice = (
+                "Its forward does not take the inputs as given: with `quantize_ptq` and `(inputs, target)` batches, "
+                "pass `input_fn=lambda batch: batch[0]`."
+            )
+        else:
+            advice = (
+                "Make its forward traceable (no data-dependent Python control flow, no unsupported Python objects), "
+                "or choose other submodules with `modules=[...]`; if the error is about shapes or dtypes, the inputs "
+                "do not fit the model."
+            )
         raise CaptureError(
             f"torch.export could not capture {name!r} ({type(module).__name__}) for quantization: "
-            f"{type(err).__name__}: {reason[:500]}. Make its forward traceable (no data-dependent Python control flow, "
-            "no unsupported Python objects), or choose other submodules with `modules=[...]`."
+            f"{type(err).__name__}: {reason[:500]}. {advice}"
         ) from err
     split_module_call_sites(ep.graph)
     relabel_layer_subclasses(ep.graph, module)

@@ -269,6 +269,14 @@ def test_bad_inputs(tiny_net, kwargs, exc, match):
         quantize_ptq(args.pop("model"), args.pop("calibration_data"), **args)
 
 
+def test_unpacked_target_in_the_batch_suggests_input_fn(tiny_net):
+    from lightning_quant import CaptureError
+
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,)))]
+    with pytest.raises(CaptureError, match=r"TypeError: too many positional arguments.*input_fn=lambda batch: batch"):
+        quantize_ptq(tiny_net(), batches, num_calibration_samples=4)
+
+
 def test_calls_may_leave_out_defaults_or_pass_keywords_positionally():
     from lightning_quant.config import QuantConfig
     from lightning_quant.qat_graph import QATGraph
