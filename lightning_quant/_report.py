@@ -183,6 +183,10 @@ def finish(
         report.metrics_fp32 = run_validation(trainer, pl_module, val_loader)
         report.metrics_int8 = run_validation(trainer, pl_module, val_loader, loaded)
         logged = {f"{k}{metric_suffix}": v for k, v in report.metrics_int8.items()}
+        # and the model they are compared with, measured in the same pass: the plain key holds the last value the
+        # user's validation logged, which can be epochs older (check_val_every_n_epoch, max_steps)
+        reference = "_" + baseline.replace("-", "_")
+        logged.update({f"{k}{reference}": v for k, v in report.metrics_fp32.items() if not k.endswith(metric_suffix)})
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)

@@ -162,6 +162,7 @@ def test_fit_then_ptq(backend, tmp_path):
     metrics = trainer.callback_metrics
     assert metrics["val_acc"] > 0.8, "the synthetic task should be learnt"
     assert abs(metrics["val_acc_int8"] - metrics["val_acc"]) <= 0.05
+    assert metrics["val_acc_fp32"].item() == pytest.approx(ptq.report.metrics_fp32["val_acc"])  # same pass as int8
     assert ptq.report.parity_max_abs_diff["model"] < 0.2
 
     # the quantized model is usable in process and matches the artifact

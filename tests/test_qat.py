@@ -173,6 +173,7 @@ def test_metrics_and_artifact_after_fit(qat_run):
     metrics = trainer.callback_metrics
     assert "val_acc_int8" in metrics
     assert abs(metrics["val_acc_int8"] - metrics["val_acc"]) <= 0.05
+    assert metrics["val_acc_fake_quant"].item() == pytest.approx(qat.report.metrics_fp32["val_acc"])
     assert qat.report.artifacts["model"].is_file()
     # the LightningModule is still a trainable fake-quant model after export
     assert isinstance(model.model, QATGraph)
