@@ -298,6 +298,26 @@ class _SwapBeforeLoad:
         self.callback = callback
 
     def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Lightning loads the model before the callbacks' own state: compare QAT settings here, from the graphs' state
+        expected = {ROUTE_ATTR if n == SELF else n: n for n in self.callback.targets}
+        trained = {
+            k[len(prefix) : -len("._extra_state")]: v
+            for k, v in state_dict.items()
+            if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and "example_spec" in v
+        }
+        if trained and set(trained) != set(expected):
+            shown = sorted(SELF if k == ROUTE_ATTR else k for k in trained)
+            raise ValueError(
+                f"The checkpoint was trained with QAT on {shown}, but this QATCallback quantizes "
+                f"{sorted(expected.values())}. Resume with the same `modules` (modules={shown})."
+            )
+        for extra in trained.values():
+            backend = extra.get("backend", self.callback.config.backend)
+            if backend != self.callback.config.backend:
+                raise ValueError(
+                    f"The checkpoint was trained with QAT for backend {backend!r}, but `backend` is now "
+                    f"{self.callback.config.backend!r}. Resume with the same backend (the fake-quant graphs differ)."
+                )
         for name in self.callback.targets:
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):

@@ -236,6 +236,7 @@ class QATGraph(nn.Module):
             "example_constants": getattr(self, "_example_constants", {}),
             "bn_frozen": self.bn_frozen,
             "observers_frozen": self.observers_frozen,
+            "backend": self.config.backend,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

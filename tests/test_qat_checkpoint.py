@@ -70,6 +70,26 @@ def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"modules": "model.6"}, r"trained with QAT on \['model'\], but this QATCallback quantizes \['model.6'\]"),
+        pytest.param(
+            {"backend": "arm"},
+            r"trained with QAT for backend 'x86', but `backend` is now 'arm'",
+            marks=pytest.mark.arm,
+        ),
+    ],
+    ids=["modules", "backend"],
+)
+def test_resume_with_other_qat_settings_is_refused_before_loading(checkpoints, kwargs, match):
+    tmp, _, _ = checkpoints
+    qat = QATCallback(start_epoch=1, dirpath=str(tmp / "q4"), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        _fit(DropoutNet(), [qat], tmp, max_epochs=3, ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"))
+
+
+@pytest.mark.slow
 def test_resume_with_another_weight_granularity_is_refused(checkpoints):
     tmp, _, _ = checkpoints
     qat = QATCallback(start_epoch=1, weight_granularity="per_tensor", dirpath=str(tmp / "q3"))
