@@ -411,6 +411,11 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"The sidecar {str(sc)!r} is not valid JSON ({err}).") from None
     if not isinstance(data, dict) or data.get("backend") not in BACKENDS or "sha256" not in data:
         raise ArtifactError(f"The sidecar {str(sc)!r} is not a lightning-quant sidecar (no backend/sha256).")
+    return data
+
+
+def _check_call_spec(data: dict, path: Path) -> None:
+    """Refuse a sidecar that lacks, or garbles, what calling its artifact reads."""
     bad = [k for k, kind in _SIDECAR_TYPES.items() if not _has_type(data.get(k), kind)]
     if not bad:
         try:
@@ -419,10 +424,9 @@ def read_sidecar(path: str | os.PathLike) -> dict:
             bad = ["in_spec/out_spec"]
     if bad:
         raise ArtifactError(
-            f"The sidecar {str(sc)!r} lacks or has invalid {bad}: it was edited or written by another version. "
-            "Re-export the artifact (its sidecar describes how to call it)."
+            f"The sidecar {str(sidecar_path(path))!r} lacks or has invalid {bad}: it was edited or written by another "
+            "version. Re-export the artifact (its sidecar describes how to call it)."
         )
-    return data
 
 
 # What loading and calling an artifact read from its sidecar.
@@ -562,4 +566,5 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
             raise
         except Exception as err:
             raise ArtifactError(f"Could not load the ExecuTorch program {path.name}: {err}") from err
+    _check_call_spec(sidecar, path)
     return QuantizedArtifact(runner, sidecar, path)
