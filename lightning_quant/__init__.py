@@ -2,7 +2,7 @@
 
 from lightning_quant.capture import CaptureError
 from lightning_quant.config import QuantConfig
-from lightning_quant.export import ArtifactError, QuantizedArtifact, load, save
+from lightning_quant.export import ArtifactError, ExportError, QuantizedArtifact, load, save
 from lightning_quant.ptq import PTQCallback
 from lightning_quant.qat import QATCallback, load_qat_checkpoint
 from lightning_quant.qat_graph import QATGraph
@@ -13,6 +13,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ArtifactError",
     "CaptureError",
+    "ExportError",
     "PTQCallback",
     "QATCallback",
     "QATGraph",

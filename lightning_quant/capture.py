@@ -13,6 +13,7 @@ Two layouts are supported without touching model code:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -305,6 +306,17 @@ def autocast_off() -> Iterator[None]:
         yield
 
 
+def _binds(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``module.forward`` takes ``(args, kwargs)`` (True when its signature cannot be read)."""
+    try:
+        inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def export(
     module: nn.Module, args: tuple, kwargs: dict, *, max_batch_size: int, name: str, strict: bool = False
 ) -> torch.export.ExportedProgram:
@@ -323,10 +335,10 @@ def export(
             ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; the user needs the submodule and the first line
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        if isinstance(err, TypeError) and "argument" in reason:  # the call does not bind to forward's signature
+        if not _binds(module, args, kwargs):
             advice = (
-                "Its forward does not take the inputs as given: with `quantize_ptq` and `(inputs, target)` batches, "
-                "pass `input_fn=lambda batch: batch[0]`."
+                "Its forward does not take these inputs: with `quantize_ptq` and `(inputs, target)` batches, pass "
+                "`input_fn=lambda batch: batch[0]`."
             )
         else:
             advice = (
@@ -482,8 +494,6 @@ def relabel_layer_subclasses(graph: torch.fx.Graph, module: nn.Module) -> int:
 
 def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> Any:
     """``dynamic_shapes`` keyed by forward's parameter names (what torch.export expects when kwargs are given)."""
-    import inspect
-
     if not dyn_kwargs:
         return dyn_args
     params = list(inspect.signature(module.forward).parameters.values())
@@ -515,8 +525,6 @@ class CallNormalizer:
     """
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        import inspect
-
         try:
             # the class's forward: an instance-level routing (see `install`) takes *args, **kwargs
             self.signature: Any = inspect.signature(type(module).forward.__get__(module))

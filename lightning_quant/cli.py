@@ -495,13 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from lightning_quant.export import ArtifactError
+    from lightning_quant.export import ArtifactError, ExportError
 
     try:
         return args.func(args)
     except (
         CommandError,
         ArtifactError,
+        ExportError,
         MisconfigurationException,
         ValueError,
         TypeError,

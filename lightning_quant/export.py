@@ -236,7 +236,7 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
         what = f"submodule {name!r}" if name else "the model"
         compiler = "AOTInductor" if backend == "x86" else "ExecuTorch's XNNPACK lowering"
         cause = (str(err).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(
+        raise ExportError(
             f"{compiler} could not compile the int8 program of {what} for backend {backend!r} "
             f"({type(err).__name__}: {cause}). Nothing was written (an earlier artifact at the path is kept) and the "
             "float model is unchanged. The other backend compiles with another toolchain and may succeed; please "
@@ -263,7 +263,7 @@ def _check_metadata(metadata: Any) -> None:
             f"Expected argument `metadata` to leave the sidecar's own keys alone, but it sets {reserved}; rename them."
         )
     try:
-        json.dumps(metadata)
+        json.dumps(metadata, sort_keys=True)  # as the sidecar is written
     except (TypeError, ValueError) as err:
         raise TypeError(
             f"Expected argument `metadata` to hold JSON values (str, numbers, bools, None, lists, dicts), but {err}; "
@@ -391,6 +391,10 @@ def update_sidecar(path: str | os.PathLike, **fields: Any) -> dict:
 
 class ArtifactError(RuntimeError):
     """An artifact or its sidecar is missing, corrupt, or not what was asked for."""
+
+
+class ExportError(RuntimeError):
+    """The backend's compiler (AOTInductor, ExecuTorch's XNNPACK lowering) failed on an int8 program."""
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:

@@ -113,7 +113,7 @@ class PTQCallback(QuantResults, Callback):
             return  # a custom calibration source: checked when it is used
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         source = getattr(val_loop, "_data_source", None)
-        if self.config.calibration_data == "val" and source is not None and source.is_defined():
+        if (self.config.calibration_data == "val" or self.evaluate) and source is not None and source.is_defined():
             val_loop.setup_data()  # what the first validation does (once)
         loaders = {"calibration": self.calibration_loader(trainer)}
         if self.evaluate:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ class QATCallback(QuantResults, Callback):
             try:
                 resolve_targets(pl_module, self.config.modules)
             except ValueError as err:  # e.g. the int8 artifact swapped in after fit, to evaluate it
+                if any(not _exists(pl_module, n) for n in self.config.modules or ()):
+                    raise  # a typo in `modules` stays an error
                 pl.utilities.rank_zero_warn(
                     f"QATCallback does nothing in `trainer.{getattr(stage, 'value', stage)}`, and a QAT checkpoint "
                     f"cannot be loaded into this model: {err}"
@@ -196,9 +199,13 @@ class QATCallback(QuantResults, Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
         # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
-        for name, graph in self.graphs(pl_module).items():
-            if not graph.captured:
-                uninstall(pl_module, name, graph.float_module)
+        if not self.targets:
+            return  # failed before any swap (at setup, say)
+        for name in self.targets:
+            with contextlib.suppress(Exception):  # never hide the exception being handled
+                graph = installed(pl_module, name)
+                if isinstance(graph, QATGraph) and not graph.captured:
+                    uninstall(pl_module, name, graph.float_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,13 +312,16 @@ class _SwapBeforeLoad:
             for k, v in state_dict.items()
             if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and "example_spec" in v
         }
-        if trained and set(trained) != set(expected):
+        alone = len(getattr(module, "_lightning_quant_hooks", {})) <= 1  # other QAT callbacks train other submodules
+        if trained and (set(trained) != set(expected) if alone else any(_overlap(t, set(expected)) for t in trained)):
             shown = sorted(SELF if k == ROUTE_ATTR else k for k in trained)
             raise ValueError(
                 f"The checkpoint was trained with QAT on {shown}, but this QATCallback quantizes "
                 f"{sorted(expected.values())}. Resume with the same `modules` (modules={shown})."
             )
-        for extra in trained.values():
+        for key, extra in trained.items():
+            if key not in expected:
+                continue  # another callback's graph
             backend = extra.get("backend", self.callback.config.backend)
             if backend != self.callback.config.backend:
                 raise ValueError(
@@ -328,6 +338,21 @@ class _SwapBeforeLoad:
                     f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
                     "written by another version of lightning-quant. Start QAT again from the float weights."
                 )
+
+
+def _exists(root: torch.nn.Module, name: str) -> bool:
+    if name == SELF:
+        return True
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _overlap(name: str, others: set[str]) -> bool:
+    """``name`` is an ancestor or a descendant of one of ``others``, not one of them (a graph in another place)."""
+    return name not in others and any(name.startswith(o + ".") or o.startswith(name + ".") for o in others)
 
 
 def _spawned(trainer: pl.Trainer) -> bool:
@@ -360,12 +385,14 @@ def load_qat_checkpoint(
     """
     import inspect
 
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
     from lightning.fabric.utilities.cloud_io import _load as pl_load
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
         raise TypeError(f"Expected argument `cls` to be a LightningModule class, but got {cls!r}.")
-    if not isinstance(checkpoint_path, (str, os.PathLike)) or not Path(checkpoint_path).is_file():
+    local = isinstance(checkpoint_path, (str, os.PathLike)) and _is_local_file_protocol(checkpoint_path)
+    if local and not Path(checkpoint_path).is_file():
         raise FileNotFoundError(
             f"Expected argument `checkpoint_path` to be a checkpoint file, but got {checkpoint_path!r}."
         )
@@ -373,10 +400,14 @@ def load_qat_checkpoint(
         checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # not a checkpoint, or one weights-only unpickling refuses
         first = (str(err).strip().splitlines() or [""])[0][:300]
+        advice = (
+            " For a checkpoint you trust that holds other objects, pass `weights_only=False`."
+            if "weights only" in str(err).lower()
+            else ""
+        )
         raise ValueError(
             f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {str(checkpoint_path)!r} could not "
-            f"be loaded ({type(err).__name__}: {first}). For a checkpoint you trust that holds other objects, pass "
-            "`weights_only=False`."
+            f"be loaded ({type(err).__name__}: {first}).{advice}"
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from lightning_quant import _bias_correction, _torchao
 from lightning_quant.capture import (
@@ -182,12 +181,12 @@ class CalibrationGraph(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         batch = batch_size_of((args, kwargs))
-        for leaf in tree_flatten((args, kwargs))[0]:
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and bool(leaf.isnan().any()):
-                raise ValueError(
-                    f"Calibration batch {self.num_batches + 1} of {self.name!r} holds NaN values: observers cannot "
-                    "take a range from them. Clean the calibration data (or its `input_fn`)."
-                )
+        if batch is not None and batch > self.config.max_batch_size:
+            raise ValueError(
+                f"Expected argument `max_batch_size` ({self.config.max_batch_size}) to be at least the batch size "
+                f"{self.name!r} is called with ({batch}, calibration batch {self.num_batches + 1}). Raise "
+                "`max_batch_size` or use smaller batches."
+            )
         if self.prepared is None:
             self.example_inputs = detach_inputs(args, kwargs)
             self._normalize = CallNormalizer(self._snapshot[0], args, kwargs)
@@ -205,12 +204,6 @@ class CalibrationGraph(nn.Module):
                 )
             if self.config.bias_correction:
                 _bias_correction.attach(self.prepared)
-        if batch is not None and batch > self.config.max_batch_size:
-            raise ValueError(
-                f"Expected argument `max_batch_size` ({self.config.max_batch_size}) to be at least the batch size "
-                f"{self.name!r} is called with ({batch}, calibration batch {self.num_batches + 1}). Raise "
-                "`max_batch_size` or use smaller batches."
-            )
         self.num_samples += batch or 1
         self.num_batches += 1
         args, kwargs = self._normalize(args, kwargs)
@@ -223,11 +216,11 @@ class CalibrationGraph(nn.Module):
                 f"Calibration batch {self.num_batches} of {self.name!r} does not match the inputs it was captured with "
                 f"({err}): every batch needs the first batch's shapes apart from the batch size, and its dtypes."
             ) from None
-        except RuntimeError as err:  # an observer's histogram of a tensor holding +-inf (infinite masks are fine)
+        except RuntimeError as err:  # the histogram observer's range of a tensor holding NaN or +-inf
             if "not finite" not in str(err):
                 raise
             raise ValueError(
-                f"Calibration batch {self.num_batches} of {self.name!r} sent infinite values into a layer to be "
+                f"Calibration batch {self.num_batches} of {self.name!r} sent NaN or infinite values into a layer to be "
                 f"quantized ({err}); observers cannot take a range from them. Clean the calibration data."
             ) from None
 

@@ -403,8 +403,9 @@ def test_compiler_failure_names_the_model_and_keeps_earlier_artifact(x86_artifac
         ({"sha256": "x"}, ValueError, r"`metadata` to leave the sidecar's own keys alone, but it sets \['sha256'\]"),
         (["run"], TypeError, r"`metadata` to be a dict with str keys, but got list"),
         ({1: "a"}, TypeError, r"`metadata` to be a dict with str keys"),
+        ({"labels": {0: "cat", "unk": "?"}}, TypeError, r"`metadata` to hold JSON values"),  # unsortable keys
     ],
-    ids=["tensor", "reserved-key", "list", "int-key"],
+    ids=["tensor", "reserved-key", "list", "int-key", "mixed-nested-keys"],
 )
 def test_bad_metadata_is_refused_before_anything_is_written(tiny_q, tmp_path, metadata, exc, match):
     with pytest.raises(exc, match=match):

@@ -414,6 +414,12 @@ def test_modules_naming_nothing_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"'backbone' does not exist"):
         _fit(model, [QATCallback(modules="backbone", dirpath=str(tmp_path))], tmp_path, max_epochs=1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    from test_ptq import _loaders
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.callbacks.append(QATCallback(modules="backbone", dirpath=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"'backbone' does not exist"):  # a typo stays an error outside fit too
+        trainer.validate(model, _loaders()[1], verbose=False)
 
 
 @pytest.mark.parametrize("callback", [QATCallback, PTQCallback])

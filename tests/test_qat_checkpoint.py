@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_ptq import FlatLayout, _fit, _loaders
+from test_ptq import BackboneHead, FlatLayout, _fit, _loaders
 from test_qat import DropoutNet
 
 from lightning_quant import PTQCallback, QATCallback, QATGraph
@@ -87,6 +87,19 @@ def test_resume_with_other_qat_settings_is_refused_before_loading(checkpoints, k
     qat = QATCallback(start_epoch=1, dirpath=str(tmp / "q4"), **kwargs)
     with pytest.raises(ValueError, match=match):
         _fit(DropoutNet(), [qat], tmp, max_epochs=3, ckpt_path=str(tmp / "ckpt" / "epoch=1.ckpt"))
+
+
+@pytest.mark.slow
+def test_resume_with_one_qat_callback_per_submodule(tmp_path):
+    def callbacks(tag):
+        return [QATCallback(modules=m, export=False, dirpath=str(tmp_path / tag / m)) for m in ("backbone", "head")]
+
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    _fit(BackboneHead(), [*callbacks("a"), ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    model = BackboneHead()
+    _fit(model, callbacks("b"), tmp_path, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert isinstance(model.backbone, QATGraph) and isinstance(model.head, QATGraph)
 
 
 @pytest.mark.slow
@@ -230,6 +243,17 @@ def test_load_qat_checkpoint_bad_arguments(tmp_path):
         load_qat_checkpoint(DropoutNet, tmp_path / "missing.ckpt")
     with pytest.raises(TypeError, match=r"`cls` to be a LightningModule class, but got 'DropoutNet'"):
         load_qat_checkpoint("DropoutNet", tmp_path / "list.ckpt")
+
+
+def test_load_qat_checkpoint_reads_remote_paths_through_fsspec():
+    import fsspec
+
+    from lightning_quant import load_qat_checkpoint
+
+    with fsspec.open("memory://lq/float.ckpt", "wb") as f:
+        torch.save({"state_dict": {}, "callbacks": {}}, f)
+    with pytest.raises(ValueError, match=r"holds no QATCallback state"):  # loaded: not refused as a missing file
+        load_qat_checkpoint(DropoutNet, "memory://lq/float.ckpt")
 
 
 class _CrashAt(Callback):

@@ -226,12 +226,12 @@ def test_data_dependent_model_raises_capture_error():
         (
             {"calibration_data": [torch.randn(2, 3, 8, 8), torch.full((2, 3, 8, 8), float("nan"))]},
             ValueError,
-            r"Calibration batch 2 of 'TinyConvNet' holds NaN values",
+            r"Calibration batch 2 of 'TinyConvNet' sent NaN or infinite values into a layer to be quantized",
         ),
         (
             {"calibration_data": [torch.randn(2, 3, 8, 8), torch.full((2, 3, 8, 8), float("inf"))]},
             ValueError,
-            r"Calibration batch 2 of 'TinyConvNet' sent infinite values into a layer to be quantized",
+            r"Calibration batch 2 of 'TinyConvNet' sent NaN or infinite values into a layer to be quantized",
         ),
         (
             {"calibration_data": [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 9, 9)], "num_calibration_samples": 8},
@@ -267,6 +267,21 @@ def test_bad_inputs(tiny_net, kwargs, exc, match):
     args = {"model": tiny_net(), "calibration_data": [torch.randn(2, 3, 8, 8)], **kwargs}
     with pytest.raises(exc, match=match):
         quantize_ptq(args.pop("model"), args.pop("calibration_data"), **args)
+
+
+def test_a_model_that_cleans_nan_inputs_itself_calibrates(tiny_net):
+    class NanToNum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.nan_to_num(x))
+
+    x = torch.randn(4, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    q = quantize_ptq(NanToNum().eval(), [x], num_calibration_samples=4)
+    assert torch.isfinite(q(x)).all()
 
 
 def test_unpacked_target_in_the_batch_suggests_input_fn(tiny_net):
