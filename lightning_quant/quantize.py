@@ -181,7 +181,7 @@ class CalibrationGraph(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         batch = batch_size_of((args, kwargs))
-        if batch is not None and batch > self.config.max_batch_size:
+        if self.prepared is not None and batch is not None and batch > self.config.max_batch_size:  # 1st: at capture
             raise ValueError(
                 f"Expected argument `max_batch_size` ({self.config.max_batch_size}) to be at least the batch size "
                 f"{self.name!r} is called with ({batch}, calibration batch {self.num_batches + 1}). Raise "
