@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_quant.config import first_line
+
 
 def _demo(args: argparse.Namespace) -> int:
     import copy
@@ -143,19 +145,11 @@ def _existing_file(path: str, option: str) -> Path:
     return p
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _load_checkpoint(model_cls: type, ckpt: Path) -> Any:
     try:
         model = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu")
     except Exception as err:  # unpickling, missing keys, hyper-parameters the class does not take...
-        raise CommandError(f"--ckpt {str(ckpt)!r}: not loadable as {model_cls.__name__} ({_first_line(err)})") from None
+        raise CommandError(f"--ckpt {str(ckpt)!r}: not loadable as {model_cls.__name__} ({first_line(err)})") from None
     return model.eval()
 
 
@@ -237,7 +231,7 @@ def _ptq(args: argparse.Namespace) -> int:
         raise
     except Exception as err:  # most often data that does not fit the model: say so in one line
         raise CommandError(
-            f"{model_cls.__name__}.validation_step failed on {dm_cls.__name__}'s validation data ({_first_line(err)}). "
+            f"{model_cls.__name__}.validation_step failed on {dm_cls.__name__}'s validation data ({first_line(err)}). "
             "Check that --model, --ckpt and --datamodule(-args) belong together."
         ) from None
     report = callback.quantize(trainer, model)

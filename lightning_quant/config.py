@@ -52,6 +52,14 @@ CALIBRATION_DATA: tuple[str, ...] = ("train", "val")
 WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _did_you_mean(value: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec
 from lightning_quant import _torchao
 from lightning_quant.capture import ROUTE_ATTR
 from lightning_quant.capture import export as capture_export
-from lightning_quant.config import BACKENDS, resolve_backend
+from lightning_quant.config import BACKENDS, first_line, resolve_backend
 from lightning_quant.quantize import META_KEY, contiguous_linear_inputs, pad_single_channel_qconvs
 
 SIDECAR_FORMAT = 1
@@ -75,9 +75,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any] | str) -> None:
+    """Write ``data`` (a dict, or its :func:`json_text`) to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(data if isinstance(data, str) else json_text(data))
 
 
 def float_size_bytes(module: nn.Module) -> int:
@@ -235,10 +240,9 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
     except Exception as err:
         what = f"submodule {name!r}" if name else "the model"
         compiler = "AOTInductor" if backend == "x86" else "ExecuTorch's XNNPACK lowering"
-        cause = (str(err).strip().splitlines() or [""])[0][:300]
         raise ExportError(
             f"{compiler} could not compile the int8 program of {what} for backend {backend!r} "
-            f"({type(err).__name__}: {cause}). Nothing was written (an earlier artifact at the path is kept) and the "
+            f"({first_line(err, 300)}). Nothing was written (an earlier artifact at the path is kept) and the "
             "float model is unchanged. The other backend compiles with another toolchain and may succeed; please "
             "report this failure with the model's layer types."
         ) from err
@@ -351,9 +355,8 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             **extra,
             **(metadata or {}),
         }
-        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"  # before the artifact replaces an earlier one
-    with atomic_path(sidecar_path(path)) as tmp:
-        tmp.write_text(text)
+        text = json_text(sidecar)  # before the artifact replaces an earlier one
+    write_json_atomic(sidecar_path(path), text)
     return sidecar
 
 

@@ -16,7 +16,7 @@ from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
-from lightning_quant.config import QuantConfig, expect_output_args
+from lightning_quant.config import QuantConfig, expect_output_args, first_line
 from lightning_quant.qat_graph import QATGraph
 
 
@@ -399,7 +399,6 @@ def load_qat_checkpoint(
     try:
         checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # not a checkpoint, or one weights-only unpickling refuses
-        first = (str(err).strip().splitlines() or [""])[0][:300]
         advice = (
             " For a checkpoint you trust that holds other objects, pass `weights_only=False`."
             if "weights only" in str(err).lower()
@@ -407,7 +406,7 @@ def load_qat_checkpoint(
         )
         raise ValueError(
             f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {str(checkpoint_path)!r} could not "
-            f"be loaded ({type(err).__name__}: {first}).{advice}"
+            f"be loaded ({first_line(err, 300)}).{advice}"
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
