@@ -1,7 +1,7 @@
 """int8 quantization for PyTorch Lightning: PTQ and QAT callbacks built on torchao's PT2E flow."""
 
 from lightning_quant.capture import CaptureError
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, QuantizationError
 from lightning_quant.export import ArtifactError, ExportError, QuantizedArtifact, load, save
 from lightning_quant.ptq import PTQCallback
 from lightning_quant.qat import QATCallback, load_qat_checkpoint
@@ -18,6 +18,7 @@ __all__ = [
     "QATCallback",
     "QATGraph",
     "QuantConfig",
+    "QuantizationError",
     "QuantizedArtifact",
     "__version__",
     "load",

@@ -34,25 +34,35 @@ _PREFIX = "_lq_input_mean_"
 
 
 class InputMean(nn.Module):
-    """Passes its input through, accumulating the mean over every dimension but ``channel_dim``."""
+    """Passes its input through, accumulating the mean over every dimension but ``channel_dim``.
+
+    Values of +-inf are left out, as the histogram observer leaves them out of its range (int8 clamps them).
+    """
 
     def __init__(self, channel_dim: int) -> None:
         super().__init__()
         self.channel_dim = channel_dim
         self.register_buffer("total", torch.zeros(0, dtype=torch.float64), persistent=False)
-        self.count = 0
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             flat = x.detach().movedim(self.channel_dim, 0).reshape(x.shape[self.channel_dim], -1)
-            sums = flat.sum(1, dtype=torch.float64)
-            self.total = sums if self.total.numel() == 0 else self.total + sums
-            self.count += flat.shape[1]
+            kept = ~flat.isinf()
+            sums = torch.where(kept, flat, 0).sum(1, dtype=torch.float64)
+            counts = kept.sum(1)
+            if self.total.numel() == 0:
+                self.total, self.counts = sums, counts
+            else:
+                self.total, self.counts = self.total + sums, self.counts + counts
         return x
 
     @property
     def mean(self) -> torch.Tensor | None:
-        return None if self.count == 0 else self.total / self.count
+        """Per channel; 0 for a channel that saw only +-inf; ``None`` when nothing was recorded."""
+        if self.counts.numel() == 0 or not bool(self.counts.any()):
+            return None
+        return self.total / self.counts.clamp(min=1)
 
 
 def _attr(root: nn.Module, target: str) -> Any:

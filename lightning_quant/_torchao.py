@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import types
 from collections.abc import Iterator
@@ -528,6 +529,21 @@ def disable_observer(module: nn.Module) -> None:
 
 def count_observers(gm: nn.Module) -> int:
     return sum(is_observer(m) for m in gm.modules())
+
+
+def nonfinite_observers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's observer calls whose recorded range holds NaN or +-inf (observers that saw no data excepted)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not is_observer(m := gm.get_submodule(node.target)):
+            continue
+        lo, hi = getattr(m, "min_val", None), getattr(m, "max_val", None)
+        if not (torch.is_tensor(lo) and torch.is_tensor(hi)) or not lo.numel() or not hi.numel():
+            continue
+        untouched = bool((lo == math.inf).all() and (hi == -math.inf).all())
+        if not untouched and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            found.append(node)
+    return found
 
 
 def allow_train_eval(gm: torch.fx.GraphModule) -> None:

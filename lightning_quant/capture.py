@@ -23,6 +23,8 @@ from torch import nn
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_quant.config import QuantizationError
+
 SELF = "self"
 #: child name under which a stand-in for the root's own forward is registered
 ROUTE_ATTR = "_lightning_quant_forward"
@@ -30,7 +32,7 @@ ROUTE_ATTR = "_lightning_quant_forward"
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
 
 
-class CaptureError(RuntimeError):
+class CaptureError(QuantizationError):
     """``torch.export`` could not capture a submodule chosen for quantization."""
 
 

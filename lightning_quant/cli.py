@@ -222,7 +222,7 @@ def _ptq(args: argparse.Namespace) -> int:
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        limit_val_batches=1,  # attaches the datamodule's val loader to the trainer; the int8 evaluation uses all of it
+        limit_val_batches=1,  # attaches the datamodule's val loader to the trainer (one batch checks the data)
         default_root_dir=args.out,
     )
     try:
@@ -234,6 +234,7 @@ def _ptq(args: argparse.Namespace) -> int:
             f"{model_cls.__name__}.validation_step failed on {dm_cls.__name__}'s validation data ({first_line(err)}). "
             "Check that --model, --ckpt and --datamodule(-args) belong together."
         ) from None
+    trainer.limit_val_batches = 1.0  # the fp32 and int8 metrics: on all of the validation data
     report = callback.quantize(trainer, model)
     for path in report.artifacts.values():
         print(f"wrote {path} (+ {path.name}.json)")
@@ -257,9 +258,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(v: Any, spec: str) -> str:
+    """``v`` formatted with ``spec`` when it is a number; as written otherwise (a hand-edited sidecar)."""
+    return format(v, spec) if _is_number(v) else str(v)
+
+
 def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     def kib(n: Any) -> str:
-        return f"{n / 1024:.1f} KiB" if isinstance(n, (int, float)) else "?"
+        return f"{n / 1024:.1f} KiB" if _is_number(n) else "?"
 
     inputs = ", ".join(
         f"{i['name']}: {i['constant']}"
@@ -268,7 +278,8 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
         for i in sc.get("inputs", [])
     )
     size, fp32 = sc.get("size_bytes"), sc.get("fp32_size_bytes")
-    ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if size and fp32 else ""
+    sized = _is_number(size) and _is_number(fp32) and fp32
+    ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if sized else ""
     versions = ", ".join(f"{k} {v}" for k, v in sc.get("versions", {}).items() if v)
     rows = [
         ("file", f"{path}"),
@@ -291,31 +302,27 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     if sc.get("undelegated_ops"):
         rows.append(("undelegated", ", ".join(map(str, sc["undelegated_ops"]))))
     if "parity_max_abs_diff" in sc:
-        rows.append(("reload parity", f"max |diff| {sc['parity_max_abs_diff']:.2e} vs the in-process int8 model"))
+        parity = _number(sc["parity_max_abs_diff"], ".2e")
+        rows.append(("reload parity", f"max |diff| {parity} vs the in-process int8 model"))
     lat = sc.get("latency_ms") or {}
-    if lat.get("fp32") and lat.get("int8"):
+    if _is_number(lat.get("fp32")) and _is_number(lat.get("int8")) and lat["int8"]:
         rows.append(
             ("latency", f"fp32 {lat['fp32']:.3f} ms, int8 {lat['int8']:.3f} ms ({lat['fp32'] / lat['int8']:.2f}x)")
         )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    metrics = sc.get("metrics") or {}
-    int8 = metrics.get("int8") or {}
+    metrics = sc.get("metrics") if isinstance(sc.get("metrics"), dict) else {}
+    int8 = metrics.get("int8") if isinstance(metrics.get("int8"), dict) else {}
     base_name = next((k for k in metrics if k != "int8"), None)
-    base = metrics.get(base_name) or {}
+    base = metrics.get(base_name) if isinstance(metrics.get(base_name), dict) else {}
     if base or int8:
         names = list(dict.fromkeys([*base, *int8]))
         table = [("metric", base_name or "", "int8", "delta")]
         for n in names:
             b, q = base.get(n), int8.get(n)
-            table.append(
-                (
-                    n,
-                    "-" if b is None else f"{b:.4f}",
-                    "-" if q is None else f"{q:.4f}",
-                    f"{q - b:+.4f}" if b is not None and q is not None else "",
-                )
-            )
+            delta = f"{q - b:+.4f}" if _is_number(b) and _is_number(q) else ""
+            cells = ["-" if v is None else _number(v, ".4f") for v in (b, q)]
+            table.append((str(n), *cells, delta))
         widths = [max(len(r[i]) for r in table) for i in range(4)]
         lines += [""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     return "\n".join(lines)
@@ -489,14 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from lightning_quant.export import ArtifactError, ExportError
+    from lightning_quant.config import QuantizationError
 
     try:
         return args.func(args)
     except (
         CommandError,
-        ArtifactError,
-        ExportError,
+        QuantizationError,
         MisconfigurationException,
         ValueError,
         TypeError,

@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class QuantizationError(RuntimeError):
+    """A quantization step cannot go on for a reason the user can act on; the message names the cause and the fix.
+
+    The base of :class:`~lightning_quant.CaptureError`, :class:`~lightning_quant.ExportError` and
+    :class:`~lightning_quant.ArtifactError`; bad arguments raise ``ValueError``/``TypeError`` instead.
+    """
+
+
 @dataclass(frozen=True)
 class Backend:
     """One deployment target: the quantizer recipe and the artifact it produces.

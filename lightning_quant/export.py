@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec
 from lightning_quant import _torchao
 from lightning_quant.capture import ROUTE_ATTR
 from lightning_quant.capture import export as capture_export
-from lightning_quant.config import BACKENDS, first_line, resolve_backend
+from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
 from lightning_quant.quantize import META_KEY, contiguous_linear_inputs, pad_single_channel_qconvs
 
 SIDECAR_FORMAT = 1
@@ -392,11 +392,11 @@ def update_sidecar(path: str | os.PathLike, **fields: Any) -> dict:
 # ------------------------------------------------------------------------------------------------------ loading
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(QuantizationError):
     """An artifact or its sidecar is missing, corrupt, or not what was asked for."""
 
 
-class ExportError(RuntimeError):
+class ExportError(QuantizationError):
     """The backend's compiler (AOTInductor, ExecuTorch's XNNPACK lowering) failed on an int8 program."""
 
 

@@ -16,7 +16,7 @@ from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, finish
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
-from lightning_quant.config import QuantConfig, expect_output_args, first_line
+from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
 from lightning_quant.qat_graph import QATGraph
 
 
@@ -168,7 +168,7 @@ class QATCallback(QuantResults, Callback):
         self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
         check_siblings(self, trainer, pl_module)
         if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):
-            raise RuntimeError(
+            raise QuantizationError(
                 "With a spawning strategy (e.g. strategy='ddp_spawn'), the launching process loads what the workers "
                 "learned into your model, which needs the QAT load hook: call `qat_callback.attach(model)` before "
                 "`trainer.fit(model, ...)`."
@@ -334,7 +334,7 @@ class _SwapBeforeLoad:
                 continue  # a float checkpoint: nothing to do
             graph = self.callback.swap(module, only=name)[name]
             if not graph.capture_from_state_dict(state_dict, key):
-                raise RuntimeError(
+                raise QuantizationError(
                     f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
                     "written by another version of lightning-quant. Start QAT again from the float weights."
                 )

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, tr
 
 from lightning_quant import _fast_qat, _torchao
 from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu, retarget_devices
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, QuantizationError
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
 aten = torch.ops.aten
@@ -281,10 +281,10 @@ class QATGraph(nn.Module):
     def convert(self) -> torch.fx.GraphModule:
         """An int8 copy of the current fake-quant graph (eval semantics, on CPU); the training graph is untouched."""
         if self.gm is None:
-            raise RuntimeError(f"QAT never ran on {self.name!r}: it was not called after the swap.")
+            raise QuantizationError(f"QAT never ran on {self.name!r}: it was not called after the swap.")
         unobserved = count_unobserved(self.gm)
         if unobserved:
-            raise RuntimeError(
+            raise QuantizationError(
                 f"QAT on {self.name!r} ({type(self.float_module).__name__}) never observed any data: {unobserved} "
                 "fake-quantize modules have no scale yet, so it cannot be converted to int8. It ran in eval mode "
                 "while training (`.eval()` was called on it, and Lightning keeps a submodule's mode), or its "

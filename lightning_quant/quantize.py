@@ -25,7 +25,7 @@ from lightning_quant.capture import (
     detach_inputs,
     export,
 )
-from lightning_quant.config import QuantConfig
+from lightning_quant.config import QuantConfig, QuantizationError
 
 #: key of the converted GraphModule's ``meta`` dict where capture details are kept for export
 META_KEY = "lightning_quant"
@@ -155,6 +155,18 @@ def capturable(module: nn.Module, backend: str) -> nn.Module:
     return shell
 
 
+def _observed_where(observer: torch.fx.Node) -> str:
+    """Where an observer's tensor comes from, for messages: the submodule that produces it, or the input's name."""
+    source = observer.args[0] if observer.args else observer
+    if source.op == "placeholder":
+        return f"input {source.name!r}"
+    if source.op == "get_attr":
+        return f"weight {source.target!r}"
+    stack = source.meta.get("nn_module_stack") or {}
+    path, cls = next(reversed(stack.values()), (None, None))
+    return f"output of {path!r}" if path else f"node {source.name!r}"
+
+
 class CalibrationGraph(nn.Module):
     """Stands in for one submodule during calibration.
 
@@ -227,9 +239,17 @@ class CalibrationGraph(nn.Module):
     def convert(self) -> torch.fx.GraphModule:
         """Convert a copy of the calibrated graph to int8 (the observing graph stays usable)."""
         if self.prepared is None:
-            raise RuntimeError(
+            raise QuantizationError(
                 f"Submodule {self.name!r} was never called during calibration, so it cannot be quantized. Check that "
                 "your `validation_step` (or forward) calls it, or choose other submodules with `modules=`."
+            )
+        nonfinite = _torchao.nonfinite_observers(self.prepared)
+        if nonfinite:
+            where = ", ".join(dict.fromkeys(_observed_where(n) for n in nonfinite))
+            raise ValueError(
+                f"Calibration sent NaN or infinite values into {len(nonfinite)} quantized tensor(s) of {self.name!r} "
+                f"({where}); an int8 range cannot be taken from them. Clean the calibration data, or keep the model "
+                "from producing such values where it is quantized."
             )
         prepared = copy.deepcopy(self.prepared)
         corrected = _bias_correction.apply(prepared, correct=self.config.bias_correction)

@@ -167,6 +167,21 @@ def test_inspect_prints_the_sidecar_readably(tmp_path, capsys):
     assert "val_acc 0.9000 0.8900 -0.0100" in out
 
 
+def test_inspect_prints_a_hand_edited_sidecar_as_written(tmp_path, capsys):
+    metrics = {"fp32": {"val_acc": "n/a", "val_loss": 0.5, "note": None}, "int8": {"val_acc": 0.89, "val_loss": True}}
+    path = _fake_artifact(
+        tmp_path, metrics=metrics, parity_max_abs_diff="unknown", latency_ms={"fp32": "?", "int8": 0.5}, size_bytes="?"
+    )
+    assert main(["inspect", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "val_acc n/a 0.8900" in out and "val_loss 0.5000 True" in out
+    assert "max |diff| unknown" in out
+    assert "latency" not in out
+    path = _fake_artifact(tmp_path, metrics=["not", "a", "dict"])
+    assert main(["inspect", str(path)]) == 0
+    assert "val_acc" not in capsys.readouterr().out
+
+
 def test_inspect_flags_a_changed_file_and_prints_raw_json(tmp_path, capsys):
     path = _fake_artifact(tmp_path)
     path.write_bytes(b"altered")
@@ -246,6 +261,24 @@ def test_bench_against_the_float_model(ptq_artifact, float_ckpt, capsys):
     assert "int8 artifact" in out and "fp32 model" not in out
     assert main([*argv[:2], "--batch", "65536"]) == 2
     assert "exceeds the artifact's max_batch_size 1024" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_model_torch_export_cannot_capture_is_one_error_line(float_ckpt, tmp_path, capsys, monkeypatch):
+    from lightning_quant.demo import SmallCNN
+
+    def branchy(self, x):  # data-dependent control flow: torch.export refuses it
+        y = self.head(self.classifier(self.features(x)))
+        return y if x.mean() > 0 else -y
+
+    monkeypatch.setattr(SmallCNN, "forward", branchy)
+    ckpt, data_dir = float_ckpt
+    argv = ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", str(ckpt), "--out", str(tmp_path)]
+    argv += ["--datamodule-args", json.dumps({"data_dir": str(data_dir)}), "--calibration-samples", "16"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: torch.export could not capture 'model' (SmallCNN)")
+    assert not list(tmp_path.glob("*.pt2"))
 
 
 def test_ptq_quantization_options_parse():

@@ -209,6 +209,54 @@ def test_backbone_and_head_are_quantized_separately(tmp_path):
         _ = ptq.quantized_model
 
 
+class _CountsValBatches(AttrLayout):
+    """Counts the batches of the val loader (48 samples) that inner `validate` runs (calibration uses train's 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner_val_batches = 0
+
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.state.fn == "validate" and len(batch[0]) == 48:
+            self.inner_val_batches += 1
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_int8_evaluation_keeps_to_limit_val_batches(tmp_path):
+    model = _CountsValBatches()
+    ptq = PTQCallback(backend="arm", num_calibration_samples=32, dirpath=str(tmp_path / "q"))
+    trainer = _fit(model, [ptq], tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    assert model.inner_val_batches == 2  # fp32 and int8, one batch each (of two in the loader)
+    assert "val_acc_int8" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(("offset", "warns"), [(0.02, False), (0.5, True)])
+def test_reload_parity_far_from_the_int8_model_warns(offset, warns, tmp_path, monkeypatch):
+    import warnings
+
+    from lightning_quant import _report, export, quantize_ptq
+
+    model = AttrLayout().eval()
+    q = quantize_ptq(model.model, DataLoader(_data(64), batch_size=32), input_fn=lambda b: b[0])
+    x = q.meta[_report.META_KEY]["example_inputs"][0][0]
+    with torch.no_grad():
+        out = q(x)
+    shift = offset * float(out.max() - out.min())  # a runtime off by this fraction of the outputs' range
+
+    monkeypatch.setattr(export, "save", lambda gm, path, metadata: path.write_bytes(b"artifact"))
+    monkeypatch.setattr(export, "load", lambda path, backend: lambda *a, **k: q(*a, **k) + shift)
+    monkeypatch.setattr(export, "update_sidecar", lambda *a, **k: None)
+    trainer = SimpleNamespace(val_dataloaders=None, limit_val_batches=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = _report.finish(trainer, model, {"model": q}, method="PTQ", backend="x86", dirpath=tmp_path)
+    assert report.parity_max_abs_diff["model"] == pytest.approx(shift, rel=1e-3)
+    messages = [str(w.message) for w in caught if "differs from the in-process int8 model" in str(w.message)]
+    assert len(messages) == int(warns), messages
+
+
 def test_last_smaller_batch_and_batch_one_run_through_the_int8_model(tmp_path):
     from lightning_quant import quantize_ptq
 

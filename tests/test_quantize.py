@@ -284,6 +284,34 @@ def test_a_model_that_cleans_nan_inputs_itself_calibrates(tiny_net):
     assert torch.isfinite(q(x)).all()
 
 
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_range_observers_refuse_non_finite_calibration_values(tiny_net, observer, value):
+    x = torch.randn(4, 3, 8, 8)
+    x[1, 2, 3, 4] = value
+    with pytest.raises(
+        ValueError,
+        match=r"Calibration sent NaN or infinite values into \d+ quantized tensor\(s\) of "
+        r"'TinyConvNet' \(input 'x'.*Clean the calibration data",
+    ):
+        quantize_ptq(tiny_net(), [torch.randn(4, 3, 8, 8), x], observer=observer, num_calibration_samples=8)
+
+
+def test_histogram_observer_and_bias_correction_leave_out_infinite_values(tiny_net):
+    """As torchao's histogram observer does (int8 clamps them): the model stays finite and close to a clean one."""
+    torch.manual_seed(0)
+    model, clean = tiny_net().eval(), torch.randn(32, 3, 8, 8)
+    dirty = clean.clone()
+    dirty[0, 0, 0, 0] = float("inf")
+    dirty[1, 1, 1, 1] = -float("inf")
+    q_clean = quantize_ptq(model, [clean], num_calibration_samples=32)
+    q_dirty = quantize_ptq(model, [dirty], num_calibration_samples=32)
+    with torch.no_grad():
+        want, got = q_clean(clean), q_dirty(clean)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 0.05 * float(want.max() - want.min())
+
+
 def test_unpacked_target_in_the_batch_suggests_input_fn(tiny_net):
     from lightning_quant import CaptureError
 
