@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
 
-from lightning_quant import PTQCallback, QATCallback, QATGraph, QuantConfig, _torchao, load, save
+from lightning_quant import PTQCallback, QATCallback, QATGraph, QuantConfig, QuantizationError, _torchao, load, save
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
 
 
@@ -727,5 +727,5 @@ class _EvalStudent(_Base):
 def test_submodule_left_in_eval_mode_warns_and_fails_clearly_at_convert(tmp_path):
     qat = QATCallback(start_epoch=0, dirpath=str(tmp_path), evaluate=False)
     with pytest.warns(UserWarning, match="'model' is in eval mode while the Trainer trains"):
-        with pytest.raises(RuntimeError, match="QAT on 'model' .* never observed any data"):
+        with pytest.raises(QuantizationError, match="QAT on 'model' .* never observed any data"):
             _fit(_EvalStudent(), [qat], tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
