@@ -34,11 +34,16 @@ def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
     return sorted(set(out))
 
 
+def _logs_int8_metrics(callback: pl.Callback) -> bool:
+    return bool(callback.evaluate and getattr(callback, "export", True))
+
+
 def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Refuse a second QAT callback, or a PTQ callback, on a submodule a QAT callback trains.
 
     Several PTQCallbacks (one per backend) may share a model: each converts its own copy. Two of them for the same
-    backend and folder would overwrite each other's artifacts and are refused too.
+    backend and folder would overwrite each other's artifacts and are refused too, as are two callbacks logging
+    their int8 metrics under the same names.
     """
     from lightning_quant.ptq import PTQCallback
     from lightning_quant.qat import QATCallback
@@ -47,20 +52,24 @@ def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.Lig
     for other in trainer.callbacks:
         if other is callback or not isinstance(other, (PTQCallback, QATCallback)):
             continue
-        theirs = resolve_targets(pl_module, other.config.modules)
-        shared = _overlap(mine, theirs)
-        if not shared:
-            continue
-        if isinstance(callback, QATCallback) or isinstance(other, QATCallback):
+        shared = _overlap(mine, resolve_targets(pl_module, other.config.modules))
+        if shared and (isinstance(callback, QATCallback) or isinstance(other, QATCallback)):
             raise ValueError(
                 f"Two lightning-quant callbacks ({type(callback).__name__} and {type(other).__name__}) act on the same "
                 f"submodule(s) {shared}. QAT changes the model it trains, so it must be the only callback on it: "
                 "keep one, or point them at different submodules with `modules=`."
             )
-        if callback.config.backend == other.config.backend and callback.dirpath == other.dirpath:
+        if shared and callback.config.backend == other.config.backend and callback.dirpath == other.dirpath:
             raise ValueError(
                 f"Two PTQCallbacks for backend {callback.config.backend!r} write {shared} to the same `dirpath`; "
                 "give them different `dirpath`s or keep one."
+            )
+        if _logs_int8_metrics(callback) and _logs_int8_metrics(other) and callback.metric_suffix == other.metric_suffix:
+            raise ValueError(
+                f"Two lightning-quant callbacks ({type(callback).__name__} for {callback.config.backend!r} and "
+                f"{type(other).__name__} for {other.config.backend!r}) log their int8 metrics with the same "
+                f"`metric_suffix` ({callback.metric_suffix!r}), so one would overwrite the other's. Give each its "
+                f"own, e.g. `metric_suffix='_int8_{other.config.backend}'`, or pass `evaluate=False` to one."
             )
 
 

@@ -225,6 +225,15 @@ def finish(
     return report
 
 
+def share_from_rank_zero(trainer: pl.Trainer, quantized: dict[str, torch.fx.GraphModule]) -> dict[str, Any]:
+    """Rank 0's int8 modules, on every rank: only rank 0 converts and writes artifacts, and all get the same ranges."""
+    if trainer.world_size <= 1:
+        return quantized
+    payload = {n: export.serialize(q) for n, q in quantized.items()} if trainer.is_global_zero else None
+    payload = trainer.strategy.broadcast(payload, src=0)
+    return quantized if trainer.is_global_zero else {n: export.deserialize(b) for n, b in payload.items()}
+
+
 class QuantResults:
     """What both callbacks expose after ``fit``: the in-process int8 modules, their artifacts and the report."""
 

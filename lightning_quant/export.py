@@ -509,6 +509,18 @@ class QuantizedArtifact(nn.Module):
                     f"{self.sidecar['max_batch_size']}; split the batch or export with a larger `max_batch_size`."
                 )
 
+    def _missing_keywords(self, kwargs: dict[str, Any]) -> None:
+        missing = [k for k in self._kwarg_names if k not in kwargs]
+        if not missing:
+            return
+        constants = {s.get("name"): s["constant"] for s in self.sidecar["inputs"] if "constant" in s}
+        hint = ", ".join(f"{k}={constants[k]}" if k in constants else k for k in missing)
+        raise TypeError(
+            f"{self.path.name} was exported with the keyword arguments {self._kwarg_names} and needs them all, but "
+            f"{missing} {'is' if len(missing) == 1 else 'are'} missing: pass {hint} (a non-tensor argument is baked "
+            "into the artifact with the value it had at capture, not its default)."
+        )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             expected = self._kwarg_names
@@ -523,6 +535,8 @@ class QuantizedArtifact(nn.Module):
             leaves = list(args)  # what tree_flatten((args, {})) gives, without its cost
         else:
             leaves, _ = tree_flatten((args, kwargs))
+        if len(leaves) < len(self.sidecar["inputs"]) and self._kwarg_names:
+            self._missing_keywords(kwargs)
         self._check(leaves)
         tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]  # constants are baked in
         if self.backend == "x86":

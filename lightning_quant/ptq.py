@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_quant import _torchao, export
+from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
-from lightning_quant._report import QuantReport, QuantResults, finish
+from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
 from lightning_quant.capture import get_submodule, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.quantize import CalibrationGraph
@@ -133,15 +133,7 @@ class PTQCallback(QuantResults, Callback):
             return
         if trainer.is_global_zero:
             self.quantize(trainer, pl_module)
-        if trainer.world_size > 1:
-            # Calibrate once, on rank 0 (the only rank that writes artifacts), and hand every rank the same int8 model,
-            # hence the same ranges.
-            payload = (
-                {n: export.serialize(q) for n, q in self.quantized_modules.items()} if trainer.is_global_zero else None
-            )
-            payload = trainer.strategy.broadcast(payload, src=0)
-            if not trainer.is_global_zero:
-                self.quantized_modules = {n: export.deserialize(b) for n, b in payload.items()}
+        self.quantized_modules = share_from_rank_zero(trainer, self.quantized_modules)  # calibrated once, on rank 0
 
     def calibration_loader(self, trainer: pl.Trainer) -> Any:
         """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""

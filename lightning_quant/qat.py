@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
-from lightning_quant._report import QuantReport, QuantResults, finish
+from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
 from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
 from lightning_quant.qat_graph import QATGraph
@@ -238,7 +238,7 @@ class QATCallback(QuantResults, Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.export or trainer.interrupted or not trainer.is_global_zero:
+        if not self.export or trainer.interrupted:
             return
         graphs = self.graphs(pl_module)
         if not graphs or not all(g.captured for g in graphs.values()):
@@ -246,19 +246,21 @@ class QATCallback(QuantResults, Callback):
                 f"QATCallback: fit ended before QAT ran (start_epoch={self.start_epoch}); no int8 model was exported."
             )
             return
-        self.quantized_modules = {name: g.convert() for name, g in graphs.items()}
-        self.report = finish(
-            trainer,
-            pl_module,
-            self.quantized_modules,
-            method="QAT",
-            backend=self.config.backend,
-            dirpath=resolve_dirpath(self.dirpath, trainer),
-            metric_suffix=self.metric_suffix,
-            evaluate=self.evaluate,
-            fp32_reference={name: g.float_module for name, g in graphs.items()},
-            baseline="fake-quant",
-        )
+        if trainer.is_global_zero:
+            self.quantized_modules = {name: g.convert() for name, g in graphs.items()}
+            self.report = finish(
+                trainer,
+                pl_module,
+                self.quantized_modules,
+                method="QAT",
+                backend=self.config.backend,
+                dirpath=resolve_dirpath(self.dirpath, trainer),
+                metric_suffix=self.metric_suffix,
+                evaluate=self.evaluate,
+                fp32_reference={name: g.float_module for name, g in graphs.items()},
+                baseline="fake-quant",
+            )
+        self.quantized_modules = share_from_rank_zero(trainer, self.quantized_modules)  # rank 0's, on every rank
 
     @property
     @override

@@ -274,7 +274,16 @@ class QATGraph(nn.Module):
             self.capture(args, kwargs)
         self._sync()
         args, kwargs = self._normalize(args, kwargs)
-        return self.gm(*args, **kwargs)
+        if self.training:
+            return self.gm(*args, **kwargs)
+        # The captured training graph counts BatchNorm's batches whatever its mode; a float BatchNorm in eval mode
+        # does not (validation, and the sanity check on resume, would move the count).
+        counters = [b for n, b in self.gm.named_buffers() if n.endswith("num_batches_tracked")]
+        saved = [c.clone() for c in counters]
+        out = self.gm(*args, **kwargs)
+        for c, before in zip(counters, saved):
+            c.copy_(before)
+        return out
 
     # ----------------------------------------------------------------------------------------------- convert
 

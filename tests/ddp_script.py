@@ -51,7 +51,7 @@ def main():
         default_root_dir=out,
     )
     trainer.fit(model, train, val)
-    if kind == "ptq":  # every rank holds rank 0's int8 model: same quantization parameters everywhere
+    if strategy == "ddp":  # every rank holds rank 0's int8 model: same quantization parameters everywhere
         qparams = {k: v for k, v in cb.quantized_model.state_dict().items() if "scale" in k or "zero_point" in k}
         torch.save(qparams, os.path.join(out, f"qparams_r{trainer.global_rank}.pt"))
         activation_qparams = [  # activation scales and zero points are literals in the graph

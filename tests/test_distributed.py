@@ -41,6 +41,14 @@ def test_ddp_qat_keeps_ranks_identical_and_only_rank_zero_exports(tmp_path):
     state = torch.load(tmp_path / "state_r0_e2.pt")
     assert any("activation_post_process" in k for k in state), "observer buffers are part of the synced state"
     assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
+    _assert_every_rank_holds_the_same_int8_model(tmp_path)
+
+
+def _assert_every_rank_holds_the_same_int8_model(tmp_path: Path) -> None:
+    q0, q1 = torch.load(tmp_path / "qparams_r0.pt"), torch.load(tmp_path / "qparams_r1.pt")
+    assert q0 and q0.keys() == q1.keys() and all(torch.equal(q0[k], q1[k]) for k in q0)
+    a0, a1 = torch.load(tmp_path / "act_qparams_r0.pt"), torch.load(tmp_path / "act_qparams_r1.pt")
+    assert a0 and a0 == a1
 
 
 @pytest.mark.slow
@@ -49,10 +57,7 @@ def test_ddp_ptq_exports_once(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
     assert _tensor_diffs(tmp_path, 2) == []
-    q0, q1 = torch.load(tmp_path / "qparams_r0.pt"), torch.load(tmp_path / "qparams_r1.pt")
-    assert q0 and q0.keys() == q1.keys() and all(torch.equal(q0[k], q1[k]) for k in q0)
-    a0, a1 = torch.load(tmp_path / "act_qparams_r0.pt"), torch.load(tmp_path / "act_qparams_r1.pt")
-    assert a0 and a0 == a1
+    _assert_every_rank_holds_the_same_int8_model(tmp_path)
 
 
 @pytest.mark.slow

@@ -480,8 +480,10 @@ def test_kwargs_model_round_trip(kwargs_artifact):
     # AOTInductor vs the reference graph, as above: atol=1e-4
     torch.testing.assert_close(art(x=x, scale=0.5, mask=mask), ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(art(mask=mask, x=x, scale=0.5), ref, atol=1e-4, rtol=0)  # keyword order is free
-    with pytest.raises(ValueError, match="expects 3 inputs, but got 2"):
+    with pytest.raises(TypeError, match=r"needs them all, but \['scale'\] is missing: pass scale=0.5 \(a non-tensor"):
         art(x=x, mask=mask)
+    with pytest.raises(TypeError, match=r"\['x', 'scale', 'mask'\] are missing: pass x, scale=0.5, mask \("):
+        art(x)  # the keywords given positionally need all of them
 
 
 @pytest.mark.slow

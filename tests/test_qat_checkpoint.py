@@ -179,7 +179,19 @@ def test_resume_of_a_self_routed_model(tmp_path):
     [
         (lambda d: [QATCallback(dirpath=d), QATCallback(backend="arm", dirpath=d)], r"QATCallback and QATCallback"),
         (lambda d: [QATCallback(dirpath=d), PTQCallback(dirpath=d)], r"QATCallback and PTQCallback.*\['model'\]"),
-        (lambda d: [PTQCallback(dirpath=d), PTQCallback(backend="fbgemm", dirpath=d)], r"same `dirpath`"),
+        (
+            lambda d: [PTQCallback(dirpath=d, metric_suffix="_a"), PTQCallback(backend="fbgemm", dirpath=d)],
+            r"same `dirpath`",
+        ),
+        (
+            lambda d: [PTQCallback(dirpath=d), PTQCallback(backend="arm", dirpath=d)],
+            r"PTQCallback for 'x86' and PTQCallback for 'arm'\) log their int8 metrics with the same `metric_suffix` "
+            r"\('_int8'\).*`metric_suffix='_int8_arm'`",
+        ),
+        (
+            lambda d: [QATCallback(dirpath=d, modules=["model.0"]), PTQCallback(dirpath=d, modules=["model.6"])],
+            r"same `metric_suffix`",
+        ),
     ],
 )
 def test_two_callbacks_on_the_same_submodule_are_refused(callbacks, match, tmp_path):
@@ -191,9 +203,12 @@ def test_ptq_for_two_backends_on_one_model_is_allowed(tmp_path):
     from lightning_quant._guards import check_siblings
 
     model, trainer = DropoutNet(), pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    x86, arm = PTQCallback(dirpath=str(tmp_path)), PTQCallback(backend="arm", dirpath=str(tmp_path))
-    trainer.callbacks.extend([x86, arm])
+    x86 = PTQCallback(dirpath=str(tmp_path), metric_suffix="_int8_x86")
+    arm = PTQCallback(backend="arm", dirpath=str(tmp_path), metric_suffix="_int8_arm")
+    silent = PTQCallback(backend="arm", dirpath=str(tmp_path / "b"), evaluate=False)  # logs nothing: any suffix
+    trainer.callbacks.extend([x86, arm, silent])
     check_siblings(x86, trainer, model)  # no error
+    check_siblings(silent, trainer, model)
 
 
 @pytest.mark.parametrize("cls", [QATCallback, PTQCallback])
@@ -293,18 +308,8 @@ def test_crash_and_resume_matches_an_uninterrupted_run(tmp_path):
         _fit(
             crashed, [qat(), ckpt, _CrashAt(2)], tmp_path / "b", max_epochs=4, enable_checkpointing=True, shuffle=False
         )
-    resumed = _NoDropout()
-    # no sanity check on resume: it would run the captured graph in eval mode, where BatchNorm's num_batches_tracked
-    # still counts (it only matters for momentum=None BatchNorm)
-    _fit(
-        resumed,
-        [qat()],
-        tmp_path / "b",
-        max_epochs=4,
-        ckpt_path=str(tmp_path / "c" / "epoch=1.ckpt"),
-        shuffle=False,
-        num_sanity_val_steps=0,
-    )
+    resumed = _NoDropout()  # with Lightning's sanity check on resume, which runs the graph in eval mode
+    _fit(resumed, [qat()], tmp_path / "b", max_epochs=4, ckpt_path=str(tmp_path / "c" / "epoch=1.ckpt"), shuffle=False)
 
     a, b = _state(straight), _state(resumed)
     assert a.keys() == b.keys() and any("activation_post_process" in k for k in a)
