@@ -15,7 +15,10 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from test_ptq import _loaders  # noqa: E402
 from test_qat import DropoutNet  # noqa: E402
 
-from lightning_quant import PTQCallback, QATCallback  # noqa: E402
+from lightning_quant import PTQCallback, QATCallback, _torchao  # noqa: E402
+
+# the .pte lowers in a few seconds, the .pt2 compiles C++ for ~15 s while the other rank waits: both export on rank 0
+BACKEND = "arm" if _torchao.executorch_available() else "x86"
 
 
 class Dump(Callback):
@@ -32,11 +35,13 @@ def main():
     pl.seed_everything(0)
     model = DropoutNet()
     if kind == "qat":
-        cb = QATCallback(start_epoch=1, freeze_observer_epoch=2, dirpath=os.path.join(out, "artifacts"))
+        cb = QATCallback(
+            backend=BACKEND, start_epoch=1, freeze_observer_epoch=2, dirpath=os.path.join(out, "artifacts")
+        )
         if "--no-attach" not in sys.argv:
             cb.attach(model)
     else:
-        cb = PTQCallback(num_calibration_samples=64, dirpath=os.path.join(out, "artifacts"))
+        cb = PTQCallback(backend=BACKEND, num_calibration_samples=64, dirpath=os.path.join(out, "artifacts"))
     train, val = _loaders()
     trainer = pl.Trainer(
         max_epochs=3,

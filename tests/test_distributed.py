@@ -13,6 +13,13 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
+def _artifact_names() -> list[str]:
+    from lightning_quant import _torchao
+
+    name = "model_int8.pte" if _torchao.executorch_available() else "model_int8.pt2"  # ddp_script's BACKEND
+    return [name, name + ".json"]
+
+
 def _run(tmp_path: Path, strategy: str, kind: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -40,7 +47,7 @@ def test_ddp_qat_keeps_ranks_identical_and_only_rank_zero_exports(tmp_path):
         assert _tensor_diffs(tmp_path, epoch) == [], f"ranks differ after epoch {epoch}"
     state = torch.load(tmp_path / "state_r0_e2.pt")
     assert any("activation_post_process" in k for k in state), "observer buffers are part of the synced state"
-    assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
+    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
     _assert_every_rank_holds_the_same_int8_model(tmp_path)
 
 
@@ -55,7 +62,7 @@ def _assert_every_rank_holds_the_same_int8_model(tmp_path: Path) -> None:
 def test_ddp_ptq_exports_once(tmp_path):
     out = _run(tmp_path, "ddp", "ptq")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "artifacts")) == ["model_int8.pt2", "model_int8.pt2.json"]
+    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
     assert _tensor_diffs(tmp_path, 2) == []
     _assert_every_rank_holds_the_same_int8_model(tmp_path)
 
@@ -68,7 +75,7 @@ def test_ddp_spawn_qat_launching_process_holds_the_trained_model(tmp_path):
     # the launching process computes what the workers' final state computes
     worker = torch.load(tmp_path / "state_r0_e2.pt")
     assert any(k.startswith("model.gm.") for k in worker)
-    assert (tmp_path / "artifacts" / "model_int8.pt2").is_file()
+    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
 
 
 @pytest.mark.slow
