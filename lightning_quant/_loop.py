@@ -41,6 +41,20 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def all_loaders(loaders: Any) -> list[Any]:
+    """Every dataloader of what ``trainer.val_dataloaders`` holds (a loader, list, dict or CombinedLoader)."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return [x for v in loaders.values() for x in all_loaders(v)]
+    if isinstance(loaders, (list, tuple)):
+        return [x for v in loaders for x in all_loaders(v)]
+    inner = getattr(loaders, "iterables", None)  # CombinedLoader
+    if inner is not None and inner is not loaders:
+        return all_loaders(inner)
+    return [loaders]
+
+
 def loader_length(loader: Any) -> int | None:
     try:
         return len(loader)
@@ -59,8 +73,14 @@ def batches_for(loader: Any, num_samples: int) -> int:
 
 
 def _progress_bar(outer: pl.Trainer) -> list[pl.Callback]:
+    """A bar like the outer Trainer's for the inner loops: tqdm bars only.
+
+    A ``RichProgressBar`` (Lightning's default once ``rich`` is installed) holds the console's one live display while
+    the outer fit runs; a second one in the inner Trainer leaves the outer bar's teardown failing (``IndexError`` in
+    rich). Inner loops under it, or under a custom bar, run without one.
+    """
     bar = outer.progress_bar_callback
-    if bar is None:
+    if not isinstance(bar, TQDMProgressBar):
         return []
     try:
         return [type(bar)()]
@@ -130,8 +150,8 @@ def _run_validation(
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=_progress_bar(outer),
-        enable_progress_bar=outer.progress_bar_callback is not None,
+        callbacks=(bar := _progress_bar(outer)),
+        enable_progress_bar=bool(bar),
         limit_val_batches=limit_batches,
         num_sanity_val_steps=0,
         inference_mode=False,  # observers write to their buffers in place
@@ -146,5 +166,5 @@ def _run_validation(
         pl_module.trainer = outer
         pl_module.to(device)
         pl_module.train(was_training)
-    metrics = results[0] if results else {}
-    return {k: float(v) for k, v in metrics.items()}
+    # one dict per dataloader; with several, Lightning has suffixed each key with its `/dataloader_idx_<i>`
+    return {k: float(v) for metrics in results for k, v in metrics.items()}

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_quant import export
-from lightning_quant._loop import first_loader, has_validation_step, run_validation
+from lightning_quant._loop import all_loaders, has_validation_step, run_validation
 from lightning_quant.capture import SELF, batch_size_of, get_submodule
 from lightning_quant.config import BACKENDS
 from lightning_quant.quantize import META_KEY
@@ -131,6 +131,12 @@ def median_ms(fn: Any, *args: Any, repeats: int = 10, **kwargs: Any) -> float:
     return 1000 * statistics.median(times)
 
 
+def suffixed(name: str, suffix: str) -> str:
+    """``val_acc`` -> ``val_acc_int8``; ``val_acc/dataloader_idx_1`` -> ``val_acc_int8/dataloader_idx_1``."""
+    base, sep, idx = name.partition("/dataloader_idx_")
+    return f"{base}{suffix}{sep}{idx}"
+
+
 def artifact_stem(pl_module: nn.Module, name: str) -> str:
     return type(pl_module).__name__ if name == SELF else name
 
@@ -198,16 +204,22 @@ def finish(
         )
         loaded[name] = art
 
-    val_loader = first_loader(trainer.val_dataloaders)
+    val_loaders = trainer.val_dataloaders  # all of them, as the user's validation runs them
     limit = trainer.limit_val_batches  # the user's own bound on validation (fast_dev_run sets it to 1)
-    if evaluate and val_loader is not None and has_validation_step(pl_module):
-        report.metrics_fp32 = run_validation(trainer, pl_module, val_loader, limit_batches=limit)
-        report.metrics_int8 = run_validation(trainer, pl_module, val_loader, loaded, limit_batches=limit)
-        logged = {f"{k}{metric_suffix}": v for k, v in report.metrics_int8.items()}
+    if evaluate and all_loaders(val_loaders) and has_validation_step(pl_module):
+        report.metrics_fp32 = run_validation(trainer, pl_module, val_loaders, limit_batches=limit)
+        report.metrics_int8 = run_validation(trainer, pl_module, val_loaders, loaded, limit_batches=limit)
+        logged = {suffixed(k, metric_suffix): v for k, v in report.metrics_int8.items()}
         # and the model they are compared with, measured in the same pass: the plain key holds the last value the
         # user's validation logged, which can be epochs older (check_val_every_n_epoch, max_steps)
         reference = "_" + baseline.replace("-", "_")
-        logged.update({f"{k}{reference}": v for k, v in report.metrics_fp32.items() if not k.endswith(metric_suffix)})
+        logged.update(
+            {
+                suffixed(k, reference): v
+                for k, v in report.metrics_fp32.items()
+                if not k.partition("/dataloader_idx_")[0].endswith(metric_suffix)
+            }
+        )
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
@@ -244,7 +256,13 @@ class QuantResults:
     def quantized_model(self) -> torch.fx.GraphModule:
         """The int8 model (a ``GraphModule`` with the float submodule's call signature), after ``fit`` ends."""
         if not self.quantized_modules:
-            raise RuntimeError(f"`{type(self).__name__}.quantized_model` is available after `trainer.fit` has ended.")
+            why = "fit has not run, or was interrupted"
+            if hasattr(self, "start_epoch"):
+                why += ", or ended before QAT started (`start_epoch`), or `export=False`"
+            raise RuntimeError(
+                f"`{type(self).__name__}.quantized_model` holds the int8 model once `trainer.fit` has ended with one, "
+                f"and there is none: {why}."
+            )
         if len(self.quantized_modules) > 1:
             raise RuntimeError(
                 f"Several submodules were quantized ({list(self.quantized_modules)}); use `quantized_modules[name]`."

@@ -11,7 +11,14 @@ from typing_extensions import override
 
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
-from lightning_quant._loop import batches_for, first_loader, has_validation_step, loader_length, run_validation
+from lightning_quant._loop import (
+    all_loaders,
+    batches_for,
+    first_loader,
+    has_validation_step,
+    loader_length,
+    run_validation,
+)
 from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
 from lightning_quant.capture import get_submodule, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
@@ -115,10 +122,10 @@ class PTQCallback(QuantResults, Callback):
         source = getattr(val_loop, "_data_source", None)
         if (self.config.calibration_data == "val" or self.evaluate) and source is not None and source.is_defined():
             val_loop.setup_data()  # what the first validation does (once)
-        loaders = {"calibration": self.calibration_loader(trainer)}
+        loaders = [("calibration", self.calibration_loader(trainer))]
         if self.evaluate:
-            loaders["validation (int8 evaluation)"] = first_loader(trainer.val_dataloaders)
-        for what, loader in loaders.items():
+            loaders += [("validation (int8 evaluation)", v) for v in all_loaders(trainer.val_dataloaders)]
+        for what, loader in loaders:
             batch = getattr(loader, "batch_size", None)
             if isinstance(batch, int) and batch > self.config.max_batch_size:
                 raise ValueError(

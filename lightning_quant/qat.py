@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
-from lightning_quant.capture import ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
+from lightning_quant.capture import QUANTIZABLE, ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
 from lightning_quant.qat_graph import QATGraph
 
@@ -123,6 +123,9 @@ class QATCallback(QuantResults, Callback):
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
         self.report: QuantReport | None = None
         self._warned_eval: set[str] = set()
+        self._warned_bypass: set[str] = set()
+        self._batches = 0
+        self._bypass = _BypassCounter()
 
     # ---------------------------------------------------------------------------------------------- state
 
@@ -196,6 +199,10 @@ class QATCallback(QuantResults, Callback):
         return self.graphs(pl_module)
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._bypass.stop()  # an epoch that did not end (an exception, a stop signal) leaves no hooks behind
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
         # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
@@ -214,7 +221,10 @@ class QATCallback(QuantResults, Callback):
             self.phase = "float"
             return
         self.phase = "qat"
+        self._batches = 0
+        self._bypass.watch(pl_module, self.targets)
         for graph in self.swap(pl_module).values():
+            graph.training_calls = 0
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 graph.freeze_bn()
             if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
@@ -226,6 +236,7 @@ class QATCallback(QuantResults, Callback):
     ) -> None:
         if self.phase != "qat":
             return
+        self._batches += 1
         for name, graph in self.graphs(pl_module).items():
             if not graph.training and name not in self._warned_eval:
                 self._warned_eval.add(name)
@@ -234,6 +245,29 @@ class QATCallback(QuantResults, Callback):
                     "learn nothing and BatchNorm does not update; converting it to int8 will fail. Lightning keeps the "
                     f"mode you set on a submodule: call `.train()` on {name!r} (e.g. in `on_train_epoch_start`) or "
                     "do not call `.eval()` on it."
+                )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bypassed = self._bypass.stop()
+        if self.phase != "qat" or not self._batches:
+            return
+        if bypassed and SELF not in self._warned_bypass:
+            self._warned_bypass.add(SELF)
+            pl.utilities.rank_zero_warn(
+                f"QATCallback: in epoch {trainer.current_epoch}, {bypassed} train-mode calls ran Conv/Linear layers of "
+                f"{type(pl_module).__name__} without fake quantization: QAT stands in for `self(...)` (your "
+                "`forward`), and `training_step` also calls layers or submodules directly (e.g. "
+                "`self.head(self.backbone(x))`). Call `self(...)` there, or name the submodules with `modules=`."
+            )
+        for name, graph in self.graphs(pl_module).items():
+            if graph.training and not graph.training_calls and name not in self._warned_bypass:
+                self._warned_bypass.add(name)
+                call = "`self(...)`" if name == SELF else f"`{name}`"
+                pl.utilities.rank_zero_warn(
+                    f"QATCallback: {name!r} was not called in the {self._batches} training batches of epoch "
+                    f"{trainer.current_epoch}, so its fake-quant graph learned nothing there: QAT trains what "
+                    f"`training_step` calls through {call}. Call it there, or leave it out of `modules=`."
                 )
 
     @override
@@ -297,6 +331,38 @@ class QATCallback(QuantResults, Callback):
             )
 
 
+class _BypassCounter:
+    """Counts train-mode calls of a LightningModule's own Conv/Linear layers while QAT stands in for its ``forward``.
+
+    The routed fake-quant graph runs its own copies of those layers (sharing their Parameters) and never calls them, so
+    every such call comes from code that bypasses ``self(...)`` and trains in float.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._hooks: list[Any] = []
+
+    def watch(self, pl_module: torch.nn.Module, targets: tuple[str, ...]) -> None:
+        self.stop()
+        if SELF not in targets:
+            return  # a submodule stand-in replaces the module itself: nothing else can call it
+        for name, layer in pl_module.named_modules():
+            if isinstance(layer, QUANTIZABLE) and not name.startswith(ROUTE_ATTR + "."):
+                self._hooks.append(layer.register_forward_pre_hook(self._count))
+
+    def _count(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training:
+            self.calls += 1
+
+    def stop(self) -> int:
+        """Remove the hooks; return the calls counted since :meth:`watch`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        calls, self.calls = self.calls, 0
+        return calls
+
+
 class _SwapBeforeLoad:
     """``load_state_dict`` pre-hook: swap in and capture fake-quant graphs when the incoming state holds them.
 
@@ -333,13 +399,25 @@ class _SwapBeforeLoad:
         for name in self.callback.targets:
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):
-                continue  # a float checkpoint: nothing to do
+                # a float checkpoint (saved before QAT started, e.g. `test(ckpt_path="best")` after fit): if a
+                # fake-quant graph stands in now, give the float module back, and the float weights load into it
+                current = installed(module, name)
+                if isinstance(current, QATGraph) and _float_keys(module, name, current, prefix) <= state_dict.keys():
+                    uninstall(module, name, current.float_module)
+                continue
             graph = self.callback.swap(module, only=name)[name]
             if not graph.capture_from_state_dict(state_dict, key):
                 raise QuantizationError(
                     f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
                     "written by another version of lightning-quant. Start QAT again from the float weights."
                 )
+
+
+def _float_keys(root: torch.nn.Module, name: str, graph: QATGraph, prefix: str) -> set[str]:
+    """The state_dict keys ``name``'s float module has under ``root`` (for ``"self"``: all but the route's)."""
+    if name == SELF:
+        return {prefix + k for k in root.state_dict() if not k.startswith(ROUTE_ATTR + ".")}
+    return {f"{prefix}{name}.{k}" for k in graph.float_module.state_dict()}
 
 
 def _exists(root: torch.nn.Module, name: str) -> bool:

@@ -120,6 +120,7 @@ class QATGraph(nn.Module):
         self._graph_training: bool | None = None
         self._fake_quants: list[nn.Module] = []
         self._shared_buffers: dict[str, str] = {}  # float module buffer name -> the graph's buffer of the same tensor
+        self.training_calls = 0  # train-mode calls: the callback checks that training goes through the graph
 
     @property
     def float_module(self) -> nn.Module:
@@ -275,6 +276,7 @@ class QATGraph(nn.Module):
         self._sync()
         args, kwargs = self._normalize(args, kwargs)
         if self.training:
+            self.training_calls += 1
             return self.gm(*args, **kwargs)
         # The captured training graph counts BatchNorm's batches whatever its mode; a float BatchNorm in eval mode
         # does not (validation, and the sanity check on resume, would move the count).

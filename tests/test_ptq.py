@@ -232,6 +232,39 @@ def test_int8_evaluation_keeps_to_limit_val_batches(tmp_path):
     assert "val_acc_int8" in trainer.callback_metrics
 
 
+class _TwoValLoaders(AttrLayout):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_every_val_loader_evaluated_under_rich_progress_bar(tmp_path):
+    """Rich is Lightning's default bar once installed: the inner loops must not open a second live display."""
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    pl.seed_everything(0)
+    train, val = _loaders()
+    inverted = DataLoader(TensorDataset(-val.dataset.tensors[0], val.dataset.tensors[1]), batch_size=48)
+    ptq = PTQCallback(backend="arm", num_calibration_samples=32, dirpath=str(tmp_path / "q"))
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ptq, RichProgressBar()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(_TwoValLoaders(), train, [val, inverted])
+    assert isinstance(trainer.progress_bar_callback, RichProgressBar)
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for i in (0, 1):  # the metric's own suffix first, then Lightning's dataloader suffix
+        assert m[f"val_acc_int8/dataloader_idx_{i}"] == pytest.approx(m[f"val_acc_fp32/dataloader_idx_{i}"], abs=0.05)
+        assert m[f"val_acc_fp32/dataloader_idx_{i}"] == pytest.approx(m[f"val_acc/dataloader_idx_{i}"])
+    assert m["val_acc/dataloader_idx_0"] > 0.8 > m["val_acc/dataloader_idx_1"]  # two different sets measured
+
+
 @pytest.mark.parametrize(("offset", "warns"), [(0.02, False), (0.5, True)])
 def test_reload_parity_far_from_the_int8_model_warns(offset, warns, tmp_path, monkeypatch):
     import warnings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from test_ptq import FlatLayout, _Base, _data, _fit, needs_executorch
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_quant import PTQCallback, QATCallback, QATGraph, QuantConfig, QuantizationError, _torchao, load, save
 from lightning_quant.qat_graph import restore_bn_literals, set_graph_training
@@ -245,7 +247,10 @@ def test_qat_on_layers_defined_on_the_lightning_module(tmp_path):
     pl.seed_everything(0)
     model = FlatLayout()
     qat = QATCallback(start_epoch=0, dirpath=str(tmp_path))
-    trainer = _fit(model, [qat], tmp_path, max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(model, [qat], tmp_path, max_epochs=2)
+    assert not [w for w in caught if "without fake quantization" in str(w.message)]  # training goes through forward
     assert isinstance(model._lightning_quant_forward, QATGraph)
     assert "val_acc_int8" in trainer.callback_metrics
     x = _data(4, seed=2).tensors[0]
@@ -253,6 +258,51 @@ def test_qat_on_layers_defined_on_the_lightning_module(tmp_path):
     # non-tensor arguments are fixed at capture (torch.export specialises them): another value is refused
     with pytest.raises(Exception, match="temperature"):
         model(x, temperature=2.0)
+
+
+class _BypassesForward(_Base):
+    """``forward`` is routed to the fake-quant graph ("self": a bare Linear head), but training calls the parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:  # validation goes through forward
+        return self(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+
+def test_training_that_bypasses_the_routed_forward_warns(tmp_path):
+    qat = QATCallback(start_epoch=0, export=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"in epoch 0, \d+ train-mode calls ran Conv/Linear layers of _BypassesForward "
+        r"without fake quantization.*Call `self\(...\)` there, or name the submodules with `modules=`",
+    ):
+        _fit(_BypassesForward(), [qat], tmp_path, max_epochs=2, limit_train_batches=2)
+    assert qat.targets == ("self",)
+    assert not qat._bypass._hooks  # removed when the epoch ended
+
+
+class _UnusedInTraining(DropoutNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(4, 4)  # never called
+
+
+def test_a_target_training_never_calls_warns(tmp_path):
+    qat = QATCallback(start_epoch=0, export=False, modules=["model", "aux"])
+    with pytest.warns(
+        UserWarning, match=r"'aux' was not called in the 2 training batches of epoch 0, .* calls through `aux`"
+    ):
+        _fit(_UnusedInTraining(), [qat], tmp_path, max_epochs=1, limit_train_batches=2)
 
 
 def _conv_bn() -> nn.Module:
@@ -713,6 +763,15 @@ def test_artifact_checked_at_another_batch_than_the_capture_batch():
 
     with pytest.raises(ArtifactError, match="batch of 1"):
         check_other_batch(static_batch, q, (x,), {}, "model")
+
+
+def test_fit_ending_before_qat_starts_warns_and_says_why_there_is_no_model(tmp_path):
+    qat = QATCallback(start_epoch=1, dirpath=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"fit ended before QAT ran \(start_epoch=1\); no int8 model was exported"):
+        _fit(DropoutNet(), [qat], tmp_path, max_epochs=3, max_steps=2)  # stops within epoch 0
+    assert qat.report is None and qat.artifacts == {}
+    with pytest.raises(RuntimeError, match=r"there is none: .*ended before QAT started \(`start_epoch`\)"):
+        _ = qat.quantized_model
 
 
 class _EvalStudent(_Base):

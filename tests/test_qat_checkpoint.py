@@ -271,6 +271,28 @@ def test_load_qat_checkpoint_reads_remote_paths_through_fsspec():
         load_qat_checkpoint(DropoutNet, "memory://lq/float.ckpt")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_cls", [DropoutNet, FlatLayout])
+def test_a_float_checkpoint_loads_into_the_trainer_after_qat(model_cls, tmp_path):
+    """`trainer.test(ckpt_path="best")` after fit, where the best epoch came before QAT started."""
+    pl.seed_everything(0)
+    model = model_cls()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", filename="{epoch}", save_top_k=-1)
+    trainer = _fit(
+        model, [QATCallback(start_epoch=1, export=False), ckpt], tmp_path, max_epochs=2, enable_checkpointing=True
+    )
+    float_ckpt = str(tmp_path / "c" / "epoch=0.ckpt")
+    trainer.validate(model, _loaders()[1], ckpt_path=float_ckpt, verbose=False)  # raised missing/unexpected keys
+
+    reference = model_cls.load_from_checkpoint(float_ckpt)  # the float model as saved
+    assert not any(isinstance(m, QATGraph) for m in model.modules())  # the float module is back
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = _loaders()[1].dataset.tensors[0][:8]
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x), reference.net(x), atol=0, rtol=0)
+
+
 class _CrashAt(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
