@@ -6,8 +6,10 @@ Each int8 submodule is exported and reloaded (parity against the in-process int8
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_quant import export
 from lightning_quant._loop import all_loaders, has_validation_step, run_validation
 from lightning_quant.capture import SELF, batch_size_of, get_submodule
-from lightning_quant.config import BACKENDS
+from lightning_quant.config import BACKENDS, QuantizationError, first_line
 from lightning_quant.quantize import META_KEY
 
 
@@ -70,13 +72,26 @@ def _kib(n: int) -> str:
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
+    """Max |a - b| over the tensors of two outputs; ``inf`` where only one side is NaN or infinite."""
     la = [x for x in tree_flatten(a)[0] if isinstance(x, torch.Tensor)]
     lb = [x for x in tree_flatten(b)[0] if isinstance(x, torch.Tensor)]
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb)), default=0.0)
+    worst = 0.0
+    for x, y in zip(la, lb):
+        x, y = x.float(), y.float()
+        same = (x == y) | (x.isnan() & y.isnan())
+        d = torch.where(same, 0.0, torch.nan_to_num((x - y).abs(), nan=math.inf))
+        worst = max(worst, float(d.max())) if d.numel() else worst
+    return worst
 
 
 #: reload parity beyond this fraction of the outputs' range is reported (runtimes differ by int8 rounding steps)
 PARITY_WARN_FRACTION = 0.1
+
+
+def _magnitude(out: Any) -> float:
+    """The largest finite |value| over the floating-point tensors of ``out``."""
+    floats = [x for x in tree_flatten(out)[0] if torch.is_tensor(x) and x.is_floating_point() and x.numel()]
+    return max((float(torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).max()) for x in floats), default=0.0)
 
 
 def _spread(out: Any) -> float:
@@ -172,7 +187,7 @@ def finish(
             want = q(*args, **kwargs)
             diff = _max_abs_diff(art(*args, **kwargs), want)
         spread = _spread(want)
-        if diff > max(PARITY_WARN_FRACTION * spread, 1e-3):
+        if diff > max(PARITY_WARN_FRACTION * spread, PARITY_WARN_FRACTION / 10 * _magnitude(want), 1e-3):
             rank_zero_warn(
                 f"The exported artifact for {name!r} ({path.name}) differs from the in-process int8 model by up to "
                 f"{diff:.3g} on the capture batch, where its outputs span {spread:.3g}; the {backend!r} runtime "
@@ -237,12 +252,31 @@ def finish(
     return report
 
 
-def share_from_rank_zero(trainer: pl.Trainer, quantized: dict[str, torch.fx.GraphModule]) -> dict[str, Any]:
-    """Rank 0's int8 modules, on every rank: only rank 0 converts and writes artifacts, and all get the same ranges."""
+def convert_on_rank_zero(
+    trainer: pl.Trainer, convert: Callable[[], dict[str, torch.fx.GraphModule]]
+) -> dict[str, torch.fx.GraphModule]:
+    """Run ``convert`` (name -> int8 module) on global rank 0 only, and give every rank its result.
+
+    Only rank 0 calibrates, converts and (afterwards) writes artifacts, so that every rank holds the same ranges. The
+    result is broadcast as soon as it exists, before the export and evaluation, and a failure on rank 0 is raised on
+    every rank: no rank is left waiting in a collective for one that will never come.
+    """
     if trainer.world_size <= 1:
-        return quantized
-    payload = {n: export.serialize(q) for n, q in quantized.items()} if trainer.is_global_zero else None
+        return convert()
+    quantized: dict[str, torch.fx.GraphModule] = {}
+    failure: BaseException | None = None
+    payload: Any = None
+    if trainer.is_global_zero:
+        try:
+            quantized = convert()
+            payload = {n: export.serialize(q) for n, q in quantized.items()}
+        except BaseException as err:  # every rank must reach the broadcast
+            failure, payload = err, first_line(err)
     payload = trainer.strategy.broadcast(payload, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(payload, str):
+        raise QuantizationError(f"Quantization failed on global rank 0 ({payload}); its log has the details.")
     return quantized if trainer.is_global_zero else {n: export.deserialize(b) for n, b in payload.items()}
 
 

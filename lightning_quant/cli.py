@@ -271,16 +271,21 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     def kib(n: Any) -> str:
         return f"{n / 1024:.1f} KiB" if _is_number(n) else "?"
 
-    inputs = ", ".join(
-        f"{i['name']}: {i['constant']}"
-        if "constant" in i
-        else f"{i['name']}: {i['dtype']}[{', '.join('N' if d is None else str(d) for d in i['shape'])}]"
-        for i in sc.get("inputs", [])
-    )
+    try:
+        inputs = ", ".join(
+            f"{i['name']}: {i['constant']}"
+            if "constant" in i
+            else f"{i['name']}: {i['dtype']}[{', '.join('N' if d is None else str(d) for d in i['shape'])}]"
+            for i in sc.get("inputs", [])
+        )
+    except (TypeError, KeyError):  # a hand-edited sidecar: as written (`load` refuses it)
+        inputs = str(sc.get("inputs"))
     size, fp32 = sc.get("size_bytes"), sc.get("fp32_size_bytes")
     sized = _is_number(size) and _is_number(fp32) and fp32
     ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if sized else ""
-    versions = ", ".join(f"{k} {v}" for k, v in sc.get("versions", {}).items() if v)
+    versions = sc.get("versions") if isinstance(sc.get("versions"), dict) else {}
+    machine = sc.get("machine") if isinstance(sc.get("machine"), dict) else {}
+    versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     rows = [
         ("file", f"{path}"),
         ("backend", f"{sc['backend']}: {sc.get('artifact', '')}"),
@@ -295,7 +300,7 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
             + (f", bias corrected in {sc['bias_corrected_layers']} layers" if sc.get("bias_corrected_layers") else ""),
         ),
         ("versions", versions),
-        ("built on", f"{sc.get('machine', {}).get('platform', '?')}, {sc.get('created', '?')}"),
+        ("built on", f"{machine.get('platform', '?')}, {sc.get('created', '?')}"),
     ]
     if sc.get("contains_native_code"):
         rows.append(("note", "contains native code compiled for the exporting CPU; load only files you trust"))
@@ -304,7 +309,7 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     if "parity_max_abs_diff" in sc:
         parity = _number(sc["parity_max_abs_diff"], ".2e")
         rows.append(("reload parity", f"max |diff| {parity} vs the in-process int8 model"))
-    lat = sc.get("latency_ms") or {}
+    lat = sc.get("latency_ms") if isinstance(sc.get("latency_ms"), dict) else {}
     if _is_number(lat.get("fp32")) and _is_number(lat.get("int8")) and lat["int8"]:
         rows.append(
             ("latency", f"fp32 {lat['fp32']:.3f} ms, int8 {lat['int8']:.3f} ms ({lat['fp32'] / lat['int8']:.2f}x)")

@@ -19,7 +19,7 @@ from lightning_quant._loop import (
     loader_length,
     run_validation,
 )
-from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
+from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
 from lightning_quant.capture import get_submodule, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.quantize import CalibrationGraph
@@ -138,9 +138,10 @@ class PTQCallback(QuantResults, Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
+        # calibrated once, on rank 0 (the only rank that writes artifacts): every rank gets the same int8 model
+        self.quantized_modules = convert_on_rank_zero(trainer, lambda: self._calibrate(trainer, pl_module))
         if trainer.is_global_zero:
-            self.quantize(trainer, pl_module)
-        self.quantized_modules = share_from_rank_zero(trainer, self.quantized_modules)  # calibrated once, on rank 0
+            self.report = self._finish(trainer, pl_module)
 
     def calibration_loader(self, trainer: pl.Trainer) -> Any:
         """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""
@@ -161,21 +162,27 @@ class PTQCallback(QuantResults, Callback):
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantReport:
         """Calibrate, convert a copy, export, check and report. Runs at ``on_fit_end``; callable after ``fit`` too."""
+        self.quantized_modules = self._calibrate(trainer, pl_module)
+        self.report = self._finish(trainer, pl_module)
+        return self.report
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         targets = resolve_targets(pl_module, self.config.modules)
-        dirpath = resolve_dirpath(self.dirpath, trainer)
+        resolve_dirpath(self.dirpath, trainer)  # a folder that cannot be written fails before the work
         loader = self.calibration_loader(trainer)
         calibrators = {name: CalibrationGraph(get_submodule(pl_module, name), name, self.config) for name in targets}
         n_batches = batches_for(loader, self.config.num_calibration_samples)
         run_validation(trainer, pl_module, loader, calibrators, limit_batches=n_batches)
-        self.quantized_modules = {name: c.convert() for name, c in calibrators.items()}
-        self.report = finish(
+        return {name: c.convert() for name, c in calibrators.items()}
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantReport:
+        return finish(
             trainer,
             pl_module,
             self.quantized_modules,
             method="PTQ",
             backend=self.config.backend,
-            dirpath=dirpath,
+            dirpath=resolve_dirpath(self.dirpath, trainer),
             metric_suffix=self.metric_suffix,
             evaluate=self.evaluate,
         )
-        return self.report

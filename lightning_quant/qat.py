@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_quant import _torchao
 from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
-from lightning_quant._report import QuantReport, QuantResults, finish, share_from_rank_zero
+from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
 from lightning_quant.capture import QUANTIZABLE, ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
 from lightning_quant.qat_graph import QATGraph
@@ -200,10 +200,11 @@ class QATCallback(QuantResults, Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._bypass.stop()  # an epoch that did not end (an exception, a stop signal) leaves no hooks behind
+        self._bypass.stop()  # an epoch that did not end leaves no hooks on the user's layers
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._bypass.stop()  # Lightning does not call `teardown` on an exception
         # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
         # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
         if not self.targets:
@@ -249,18 +250,19 @@ class QATCallback(QuantResults, Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        bypassed = self._bypass.stop()
+        graphs = self.graphs(pl_module)
+        bypassed = self._bypass.stop(graphs.get(SELF))
         if self.phase != "qat" or not self._batches:
             return
-        if bypassed and SELF not in self._warned_bypass:
-            self._warned_bypass.add(SELF)
+        if bypassed and "bypassed" not in self._warned_bypass:
+            self._warned_bypass.add("bypassed")
             pl.utilities.rank_zero_warn(
                 f"QATCallback: in epoch {trainer.current_epoch}, {bypassed} train-mode calls ran Conv/Linear layers of "
                 f"{type(pl_module).__name__} without fake quantization: QAT stands in for `self(...)` (your "
                 "`forward`), and `training_step` also calls layers or submodules directly (e.g. "
                 "`self.head(self.backbone(x))`). Call `self(...)` there, or name the submodules with `modules=`."
             )
-        for name, graph in self.graphs(pl_module).items():
+        for name, graph in graphs.items():
             if graph.training and not graph.training_calls and name not in self._warned_bypass:
                 self._warned_bypass.add(name)
                 call = "`self(...)`" if name == SELF else f"`{name}`"
@@ -280,8 +282,9 @@ class QATCallback(QuantResults, Callback):
                 f"QATCallback: fit ended before QAT ran (start_epoch={self.start_epoch}); no int8 model was exported."
             )
             return
+        # converted once, on rank 0 (the only rank that writes artifacts): every rank gets the same int8 model
+        self.quantized_modules = convert_on_rank_zero(trainer, lambda: {n: g.convert() for n, g in graphs.items()})
         if trainer.is_global_zero:
-            self.quantized_modules = {name: g.convert() for name, g in graphs.items()}
             self.report = finish(
                 trainer,
                 pl_module,
@@ -294,7 +297,6 @@ class QATCallback(QuantResults, Callback):
                 fp32_reference={name: g.float_module for name, g in graphs.items()},
                 baseline="fake-quant",
             )
-        self.quantized_modules = share_from_rank_zero(trainer, self.quantized_modules)  # rank 0's, on every rank
 
     @property
     @override
@@ -334,12 +336,13 @@ class QATCallback(QuantResults, Callback):
 class _BypassCounter:
     """Counts train-mode calls of a LightningModule's own Conv/Linear layers while QAT stands in for its ``forward``.
 
-    The routed fake-quant graph runs its own copies of those layers (sharing their Parameters) and never calls them, so
-    every such call comes from code that bypasses ``self(...)`` and trains in float.
+    The routed fake-quant graph runs its own copies of the layers ``forward`` uses (sharing their Parameters) and never
+    calls them, so a call to one of those comes from code that bypasses ``self(...)`` and trains it in float. Layers
+    ``forward`` does not use (a projection head called after ``self(x)``) are not counted.
     """
 
     def __init__(self) -> None:
-        self.calls = 0
+        self._calls: dict[torch.nn.Module, int] = {}
         self._hooks: list[Any] = []
 
     def watch(self, pl_module: torch.nn.Module, targets: tuple[str, ...]) -> None:
@@ -352,15 +355,18 @@ class _BypassCounter:
 
     def _count(self, module: torch.nn.Module, args: Any) -> None:
         if module.training:
-            self.calls += 1
+            self._calls[module] = self._calls.get(module, 0) + 1
 
-    def stop(self) -> int:
-        """Remove the hooks; return the calls counted since :meth:`watch`."""
+    def stop(self, graph: QATGraph | None = None) -> int:
+        """Remove the hooks; return the calls counted since :meth:`watch` of layers whose weight ``graph`` trains."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        calls, self.calls = self.calls, 0
-        return calls
+        calls, self._calls = self._calls, {}
+        if graph is None or graph.gm is None:
+            return 0
+        trained = {id(p) for p in graph.gm.parameters()}
+        return sum(n for layer, n in calls.items() if id(getattr(layer, "weight", None)) in trained)
 
 
 class _SwapBeforeLoad:
@@ -404,6 +410,12 @@ class _SwapBeforeLoad:
                 current = installed(module, name)
                 if isinstance(current, QATGraph) and _float_keys(module, name, current, prefix) <= state_dict.keys():
                     uninstall(module, name, current.float_module)
+                    if current.captured:
+                        pl.utilities.rank_zero_warn(
+                            f"QATCallback: float weights were loaded into {name!r}, which held a fake-quant graph: "
+                            "the float module is back, and the graph's observer ranges are dropped (QAT captures "
+                            "again at its next training epoch)."
+                        )
                 continue
             graph = self.callback.swap(module, only=name)[name]
             if not graph.capture_from_state_dict(state_dict, key):

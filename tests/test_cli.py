@@ -177,9 +177,12 @@ def test_inspect_prints_a_hand_edited_sidecar_as_written(tmp_path, capsys):
     assert "val_acc n/a 0.8900" in out and "val_loss 0.5000 True" in out
     assert "max |diff| unknown" in out
     assert "latency" not in out
-    path = _fake_artifact(tmp_path, metrics=["not", "a", "dict"])
+    path = _fake_artifact(
+        tmp_path, metrics=["not", "a", "dict"], latency_ms="n/a", versions="?", machine=3, inputs=[{"name": "x"}]
+    )
     assert main(["inspect", str(path)]) == 0
-    assert "val_acc" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val_acc" not in out and "[{'name': 'x'}]" in out
 
 
 def test_inspect_flags_a_changed_file_and_prints_raw_json(tmp_path, capsys):

@@ -20,13 +20,13 @@ def _artifact_names() -> list[str]:
     return [name, name + ".json"]
 
 
-def _run(tmp_path: Path, strategy: str, kind: str, *extra: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, strategy: str, kind: str, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(SCRIPT), strategy, kind, str(tmp_path), *extra],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=env,
     )
     return out
@@ -59,6 +59,16 @@ def _assert_every_rank_holds_the_same_int8_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ddp_conversion_failing_on_rank_zero_fails_every_rank(tmp_path):
+    """No rank may wait in the broadcast for a rank 0 that raised (it would hang until the process-group timeout)."""
+    out = _run(tmp_path, "ddp", "qat_fails", timeout=300)
+    assert out.returncode != 0
+    assert "never observed any data" in out.stderr  # rank 0's own error
+    assert "Quantization failed on global rank 0 (QuantizationError: QAT on 'model'" in out.stderr  # rank 1's
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.slow
 def test_ddp_ptq_exports_once(tmp_path):
     out = _run(tmp_path, "ddp", "ptq")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -78,9 +88,16 @@ def test_ddp_spawn_qat_launching_process_holds_the_trained_model(tmp_path):
     assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
 
 
-@pytest.mark.slow
-def test_ddp_spawn_without_attach_is_refused_before_training(tmp_path):
-    out = _run(tmp_path, "ddp_spawn", "qat", "--no-attach")
-    assert out.returncode != 0
-    assert "call `qat_callback.attach(model)` before" in out.stderr
-    assert not list(tmp_path.glob("state_*"))
+def test_ddp_spawn_without_attach_is_refused_at_setup(tmp_path):
+    """In process: `setup` (which a spawned worker runs first, before any training) sees the spawning launcher."""
+    import lightning.pytorch as pl
+    from test_qat import DropoutNet
+
+    from lightning_quant import QATCallback, QuantizationError
+
+    trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    model, qat = DropoutNet(), QATCallback(start_epoch=0, dirpath=str(tmp_path))
+    with pytest.raises(QuantizationError, match=r"call `qat_callback.attach\(model\)` before"):
+        qat.setup(trainer, model, "fit")
+    qat.attach(model)
+    qat.setup(trainer, model, "fit")  # attached: accepted

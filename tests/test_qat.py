@@ -279,6 +279,26 @@ class _BypassesForward(_Base):
         return F.cross_entropy(self.head(self.backbone(x)), y)
 
 
+class _ProjectionHead(FlatLayout):
+    """A train-only head after `self(x)` (contrastive learning): forward does not use it, so nothing is bypassed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.proj(self(x)), y)
+
+
+def test_a_train_only_layer_after_the_routed_forward_does_not_warn(tmp_path):
+    qat = QATCallback(start_epoch=0, export=False, modules="self")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(_ProjectionHead(), [qat], tmp_path, max_epochs=1, limit_train_batches=2)
+    assert not [w for w in caught if "without fake quantization" in str(w.message)]
+
+
 def test_training_that_bypasses_the_routed_forward_warns(tmp_path):
     qat = QATCallback(start_epoch=0, export=False)
     with pytest.warns(
