@@ -68,11 +68,21 @@ def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
     return functools.reduce(lambda obj, name: getattr(obj, name, None), target.split("."), gm)
 
 
+#: convolutions :func:`pad_single_channel_qconvs` rewrites -> the dimensions of their weight
+_CONVS = {
+    torch.ops.aten.conv1d.default: 3,
+    torch.ops.aten.conv1d.padding: 3,
+    torch.ops.aten.conv2d.default: 4,
+    torch.ops.aten.conv2d.padding: 4,
+}
+
+
 def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
     """Compute each int8 conv with one input channel as a 2-channel conv whose extra channel and weights are zero.
 
     Works around an Inductor bug (torch 2.13): with weight freezing and a dynamic batch, an int8 conv whose input has
-    one channel is compiled with wrong strides, and the AOTInductor package returns wrong outputs without any error.
+    one channel (Conv2d, and Conv1d on raw waveforms) is compiled with wrong strides, and the AOTInductor package
+    returns wrong outputs without any error.
     Applied to a converted graph: the int8 weight gets a zero input channel (symmetric weights: int8 0 is 0.0) and the
     float input is zero-padded before its quantize node, so quantize -> dequantize -> conv still fuses to a oneDNN
     qconv. Same results. Returns the number of convolutions rewritten.
@@ -81,7 +91,7 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     fixed = 0
     for conv in list(graph.nodes):
-        if conv.op != "call_function" or conv.target != torch.ops.aten.conv2d.default:
+        if conv.op != "call_function" or conv.target not in _CONVS:
             continue
         x_dq, w_dq = conv.args[0], conv.args[1]
         groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
@@ -94,7 +104,7 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
             continue
         weight = _get_attr(gm, w_attr.target)
         zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or weight.shape[1] != 1:
+        if not isinstance(weight, torch.Tensor) or weight.ndim != _CONVS[conv.target] or weight.shape[1] != 1:
             continue
         if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:
             continue
@@ -102,7 +112,8 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
         gm.register_buffer(name, torch.cat([weight, torch.zeros_like(weight)], dim=1))
         w_attr.target = name
         with graph.inserting_before(x_q):
-            padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x_q.args[0], [0, 0, 0, 0, 0, 1], 0.0))
+            pad = [0, 0] * (weight.ndim - 2) + [0, 1]  # no spatial padding; one zero channel after the input's
+            padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x_q.args[0], pad, 0.0))
             q = graph.call_function(x_q.target, (padded, *x_q.args[1:]))
             dq = graph.call_function(x_dq.target, (q, *x_dq.args[1:]))
         conv.replace_input_with(x_dq, dq)

@@ -115,3 +115,20 @@ def test_symmetric_zero_pads_become_the_convs_padding():
     assert len(_pads(q)) == 3
     x = torch.randn(4, 3, 12, 12)
     torch.testing.assert_close(q(x), model(x), atol=0.05 * float(model(x).abs().max()), rtol=0)
+
+
+@pytest.mark.slow
+def test_conv1d_on_a_single_channel_waveform_exports_a_correct_artifact(tmp_path):
+    """Inductor compiles a one-input-channel int8 conv with wrong strides; Conv1d (raw audio) is padded as Conv2d is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(1, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    q = quantize_ptq(net, [torch.randn(8, 1, 64) for _ in range(4)], backend="x86")
+    save(q, tmp_path / "m.pt2")
+    artifact = load(tmp_path / "m.pt2")
+    for batch in (5, 1):  # 0.19 and 0.08 of the outputs' range off without the padding
+        x = torch.randn(batch, 1, 64)
+        want = q(x)
+        torch.testing.assert_close(artifact(x), want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
