@@ -11,12 +11,14 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import shlex
 import shutil
 import subprocess
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -252,7 +254,7 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
 _SIDECAR_KEYS = (
     "format", "backend", "artifact", "file", "sha256", "size_bytes", "contains_native_code", "submodule", "inputs",
     "in_spec", "out_spec", "max_batch_size", "num_calibration_samples", "observer", "weight_granularity",
-    "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops",
+    "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops", "parity_max_abs_diff",
 )  # fmt: skip
 
 
@@ -273,6 +275,44 @@ def _check_metadata(metadata: Any) -> None:
             f"Expected argument `metadata` to hold JSON values (str, numbers, bools, None, lists, dicts), but {err}; "
             "convert tensors with `.item()` or `.tolist()`."
         ) from None
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Max |a - b| over the tensors of two outputs; ``inf`` where only one side is NaN or infinite."""
+    la = [x for x in tree_flatten(a)[0] if isinstance(x, torch.Tensor)]
+    lb = [x for x in tree_flatten(b)[0] if isinstance(x, torch.Tensor)]
+    worst = 0.0
+    for x, y in zip(la, lb):
+        x, y = x.float(), y.float()
+        same = (x == y) | (x.isnan() & y.isnan())
+        d = torch.where(same, 0.0, torch.nan_to_num((x - y).abs(), nan=math.inf))
+        worst = max(worst, float(d.max())) if d.numel() else worst
+    return worst
+
+
+#: reload parity beyond this fraction of the outputs' range is reported (runtimes differ by int8 rounding steps)
+PARITY_WARN_FRACTION = 0.1
+
+
+def parity_is_off(diff: float, want: Any) -> bool:
+    """Whether an artifact's max |diff| from the in-process outputs ``want`` is beyond int8 rounding differences."""
+    return diff > max(PARITY_WARN_FRACTION * _spread(want), PARITY_WARN_FRACTION / 10 * _magnitude(want), 1e-3)
+
+
+def _magnitude(out: Any) -> float:
+    """The largest finite |value| over the floating-point tensors of ``out``."""
+    floats = [x for x in tree_flatten(out)[0] if torch.is_tensor(x) and x.is_floating_point() and x.numel()]
+    return max((float(torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).max()) for x in floats), default=0.0)
+
+
+def _spread(out: Any) -> float:
+    """The largest max - min over the floating-point tensors of ``out`` (0.0 when there are none)."""
+    floats = [x for x in tree_flatten(out)[0] if torch.is_tensor(x) and x.is_floating_point() and x.numel()]
+    ranges = [float(x.max() - x.min()) for x in floats]
+    return max((r for r in ranges if r == r), default=0.0)  # NaN outputs have no range
 
 
 def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> dict:
@@ -310,6 +350,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     # The artifact is called with contiguous tensors (QuantizedArtifact.forward): export it for them. Example inputs
     # recorded in another memory format (channels_last) would compile the program for their strides.
     args, kwargs = tree_map(_contiguous, info["example_inputs"])
+    reference = quantized
     if backend.name == "x86":
         _require_tensor_outputs(quantized, info["name"])
         quantized = copy.deepcopy(quantized)
@@ -355,9 +396,33 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             **extra,
             **(metadata or {}),
         }
+        sidecar["parity_max_abs_diff"] = _reload_parity(tmp, sidecar, reference, args, kwargs)
         text = json_text(sidecar)  # before the artifact replaces an earlier one
     write_json_atomic(sidecar_path(path), text)
     return sidecar
+
+
+def _reload_parity(path: Path, sidecar: dict, reference: nn.Module, args: tuple, kwargs: dict) -> float:
+    """Run the written artifact on the example inputs against the in-process model; warn when they disagree.
+
+    Compilers have had silent bugs here (wrong strides for one-channel int8 convs): this is the last point at which the
+    artifact can be compared with what it was compiled from.
+    """
+    runner = torch._inductor.aoti_load_package(str(path)) if sidecar["backend"] == "x86" else None
+    if runner is None:
+        runner = _torchao.load_executorch_method(str(path))
+    with torch.no_grad():
+        want = reference(*args, **kwargs)
+        diff = max_abs_diff(QuantizedArtifact(runner, sidecar, path)(*args, **kwargs), want)
+    if parity_is_off(diff, want):
+        warnings.warn(
+            f"The exported artifact for {sidecar['submodule']!r} ({sidecar['file']}) differs from the in-process int8 "
+            f"model by up to {diff:.3g} on the example inputs, where its outputs span {_spread(want):.3g}; the "
+            f"{sidecar['backend']!r} runtime usually agrees within a few int8 steps. Check the artifact's outputs on "
+            "your data before deploying it, and please report this with the model's structure.",
+            stacklevel=3,
+        )
+    return diff
 
 
 def serialize(quantized: torch.fx.GraphModule) -> tuple[bytes, bytes]:

@@ -266,30 +266,33 @@ def test_every_val_loader_evaluated_under_rich_progress_bar(tmp_path):
     assert m["val_acc/dataloader_idx_0"] > 0.8 > m["val_acc/dataloader_idx_1"]  # two different sets measured
 
 
-@pytest.mark.parametrize(("offset", "warns"), [(0.02, False), (0.5, True), (float("nan"), True)])
-def test_reload_parity_far_from_the_int8_model_warns(offset, warns, tmp_path, monkeypatch):
-    import warnings
+@pytest.mark.parametrize(("offset", "off"), [(0.02, False), (0.5, True), (float("nan"), True)])
+def test_reload_parity_judges_int8_rounding_apart_from_a_wrong_runtime(offset, off):
+    from lightning_quant.export import max_abs_diff, parity_is_off
 
-    from lightning_quant import _report, export, quantize_ptq
+    want = {"logits": torch.linspace(-3.0, 5.0, 40).reshape(4, 10), "ids": torch.arange(4)}
+    shift = offset * 8.0  # a runtime off by this fraction of the outputs' range (or NaN)
+    got = {"logits": want["logits"] + shift, "ids": want["ids"]}
+    diff = max_abs_diff(got, want)
+    assert diff == pytest.approx(math.inf if math.isnan(shift) else shift, rel=1e-5)
+    assert parity_is_off(diff, want) is off
+    assert max_abs_diff(want, want) == 0.0 and not parity_is_off(0.0, want)
 
-    model = AttrLayout().eval()
-    q = quantize_ptq(model.model, DataLoader(_data(64), batch_size=32), input_fn=lambda b: b[0])
-    x = q.meta[_report.META_KEY]["example_inputs"][0][0]
-    with torch.no_grad():
-        out = q(x)
-    shift = offset * float(out.max() - out.min())  # a runtime off by this fraction of the outputs' range (or NaN)
 
-    monkeypatch.setattr(export, "save", lambda gm, path, metadata: path.write_bytes(b"artifact"))
-    monkeypatch.setattr(export, "load", lambda path, backend: lambda *a, **k: q(*a, **k) + shift)
-    monkeypatch.setattr(export, "update_sidecar", lambda *a, **k: None)
-    trainer = SimpleNamespace(val_dataloaders=None, limit_val_batches=1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = _report.finish(trainer, model, {"model": q}, method="PTQ", backend="x86", dirpath=tmp_path)
-    expected = math.inf if math.isnan(shift) else shift  # NaN where the int8 model is finite: as far as can be
-    assert report.parity_max_abs_diff["model"] == pytest.approx(expected, rel=1e-3)
-    messages = [str(w.message) for w in caught if "differs from the in-process int8 model" in str(w.message)]
-    assert len(messages) == int(warns), messages
+@needs_executorch
+def test_save_warns_when_the_written_artifact_disagrees_with_the_model(tmp_path, monkeypatch):
+    from lightning_quant import export, quantize_ptq
+
+    q = quantize_ptq(
+        AttrLayout().eval().model, DataLoader(_data(64), batch_size=32), backend="arm", input_fn=lambda b: b[0]
+    )
+    forward = export.QuantizedArtifact.forward
+    monkeypatch.setattr(export.QuantizedArtifact, "forward", lambda self, *a, **k: forward(self, *a, **k) + 10.0)
+    with pytest.warns(
+        UserWarning, match=r"The exported artifact for 'Sequential' \(m.pte\) differs from the in-process"
+    ):
+        sidecar = export.save(q, tmp_path / "m.pte")
+    assert sidecar["parity_max_abs_diff"] == pytest.approx(10.0, abs=0.5)
 
 
 def test_last_smaller_batch_and_batch_one_run_through_the_int8_model(tmp_path):
