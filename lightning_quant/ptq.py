@@ -144,7 +144,10 @@ class PTQCallback(QuantResults, Callback):
             self.report = self._finish(trainer, pl_module)
 
     def calibration_loader(self, trainer: pl.Trainer) -> Any:
-        """The dataloader calibration draws from (``calibration_data``). Override to calibrate on other data."""
+        """The dataloader calibration draws from (``calibration_data``; the first of several).
+
+        Override to calibrate on other data.
+        """
         source = self.config.calibration_data
         loader = first_loader(trainer.train_dataloader if source == "train" else trainer.val_dataloaders)
         other = "val" if source == "train" else "train"
