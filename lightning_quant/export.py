@@ -408,9 +408,7 @@ def _reload_parity(path: Path, sidecar: dict, reference: nn.Module, args: tuple,
     Compilers have had silent bugs here (wrong strides for one-channel int8 convs): this is the last point at which the
     artifact can be compared with what it was compiled from.
     """
-    runner = torch._inductor.aoti_load_package(str(path)) if sidecar["backend"] == "x86" else None
-    if runner is None:
-        runner = _torchao.load_executorch_method(str(path))
+    runner = _open_runner(path, sidecar["backend"])
     with torch.no_grad():
         want = reference(*args, **kwargs)
         diff = max_abs_diff(QuantizedArtifact(runner, sidecar, path)(*args, **kwargs), want)
@@ -640,17 +638,21 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
             f"{path.name} does not match the sha256 in its sidecar: the file is truncated or was altered. "
             "Re-export it; only load artifacts you trust (an x86 package contains native code)."
         )
-    if sidecar["backend"] == "x86":
-        try:
-            runner = torch._inductor.aoti_load_package(str(path))
-        except Exception as err:
-            raise ArtifactError(f"Could not load the AOTInductor package {path.name}: {err}") from err
-    else:
-        try:
-            runner = _torchao.load_executorch_method(str(path))
-        except ModuleNotFoundError:
-            raise
-        except Exception as err:
-            raise ArtifactError(f"Could not load the ExecuTorch program {path.name}: {err}") from err
+    runner = _open_runner(path, sidecar["backend"])
     _check_call_spec(sidecar, path)
     return QuantizedArtifact(runner, sidecar, path)
+
+
+def _open_runner(path: Path, backend: str) -> Any:
+    """The backend's runtime for the artifact at ``path``: an AOTInductor model, or an ExecuTorch method."""
+    if backend == "x86":
+        try:
+            return torch._inductor.aoti_load_package(str(path))
+        except Exception as err:
+            raise ArtifactError(f"Could not load the AOTInductor package {path.name}: {err}") from err
+    try:
+        return _torchao.load_executorch_method(str(path))
+    except ModuleNotFoundError:
+        raise
+    except Exception as err:
+        raise ArtifactError(f"Could not load the ExecuTorch program {path.name}: {err}") from err
