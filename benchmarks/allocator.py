@@ -16,15 +16,16 @@ Linux kernel, faulting in fresh pages (19,000-27,000 minor faults per call, ~100
 activation with ``mmap`` and unmaps it when freed, or trims the heap top it was carved from, so the next call faults
 it in again. ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>`` keeps them in the heap
 (no extra library); setting the trim threshold alone was worse here (it turns off glibc's adaptive mmap threshold:
-70,000 faults per call, one-off check).
+70,000 faults per call, one-off check). PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` leaves glibc as it is but has tensors of
+2 MiB and more ``madvise``'d as transparent huge pages: the same memory faults in 2 MiB at a time.
 
 Builds our x86 ``.pt2`` and ONNX Runtime int8 for each net (the MobileNetV2- and ResNet-style nets and
 EfficientNet-Lite0, with ``benchmarks/speed.py``'s builders and calibration), then times both at batch 1 and 32 with
 1 thread in fresh worker processes: ``processes`` (a setting) under each allocator (glibc, glibc with
-``TUNED_GLIBC``, ``LD_PRELOAD=<lib>``), in alternating order; within a worker the two routes alternate in rounds, and
-each round also counts the process's minor page faults. Medians over all rounds of all processes of each kind. The
-default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the ``bench`` extra), else the first of
-jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
+``TUNED_GLIBC``, glibc with ``THP_ENV``, ``LD_PRELOAD=<lib>``), in alternating order; within a worker the two routes
+alternate in rounds, and each round also counts the process's minor page faults. Medians over all rounds of all
+processes of each kind. The default library is mimalloc from the ``cmeel-mimalloc`` wheel (in the ``bench`` extra),
+else the first of jemalloc/tcmalloc/mimalloc that ``ldconfig`` lists.
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TUNED_GLIBC, probe_big_malloc, run_json_worker  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    THP_ENV,
+    TUNED_GLIBC,
+    probe_big_malloc,
+    probe_tensor_huge_pages,
+    run_json_worker,
+    thp_mode,
+)
 
 ROUTES = ("x86_int8", "ort_int8")
 ROUTE_NAMES = {"x86_int8": "int8 x86 .pt2 (ours)", "ort_int8": "int8 ONNX Runtime"}
-ALLOCATORS = ("glibc", "glibc_tuned", "preloaded")
+ALLOCATORS = ("glibc", "glibc_tuned", "thp", "preloaded")
 _LDCONFIG_NAMES = ("libjemalloc.so", "libtcmalloc_minimal.so", "libtcmalloc.so", "libmimalloc.so")
 
 FULL: dict[str, Any] = {
@@ -126,6 +134,7 @@ def worker(work: str, nets: list[str], batches: list[int], rounds: int) -> dict[
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "malloc_from": malloc_owner(),
         "big_malloc": probe_big_malloc(),
+        "huge_pages_kb": probe_tensor_huge_pages(),
         "nets": {},
     }
     for name in nets:
@@ -180,11 +189,13 @@ def allocator_envs(lib: str) -> dict[str, dict[str, str]]:
     base = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")  # glibc's older tuning variables
+        if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", *THP_ENV)
+        and not k.startswith("MALLOC_")  # glibc's older tuning variables
     }
     return {
         "glibc": base,
         "glibc_tuned": {**base, "GLIBC_TUNABLES": TUNED_GLIBC},
+        "thp": {**base, **THP_ENV},
         "preloaded": {**base, "LD_PRELOAD": lib},
     }
 
@@ -204,8 +215,13 @@ def _check_worker(alloc: str, lib: str, r: dict[str, Any]) -> None:
             f"a glibc_tuned worker did not run with GLIBC_TUNABLES={TUNED_GLIBC}: 64 MiB malloc/free probe {probe} "
             "(wanted no mmap, memory kept; None: this glibc has no mallinfo2 to check with)"
         )
-    if alloc == "glibc" and probe is not None and not probe["mmapped"]:
-        raise RuntimeError(f"a glibc worker's malloc is tuned by something else here: 64 MiB malloc/free probe {probe}")
+    if alloc in ("glibc", "thp") and probe is not None and not probe["mmapped"]:
+        raise RuntimeError(
+            f"a {alloc} worker's malloc is tuned by something else here: 64 MiB malloc/free probe {probe}"
+        )
+    huge = r.get("huge_pages_kb")
+    if alloc == "thp" and thp_mode() in ("always", "madvise") and huge is not None and huge <= 0:
+        raise RuntimeError(f"a thp worker's 64 MiB tensor got no huge pages: {' '.join(THP_ENV)} did not apply")
 
 
 def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -224,7 +240,10 @@ def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], di
         for alloc in ALLOCATORS if i % 2 == 0 else ALLOCATORS[::-1]:  # balanced over an even number of processes
             r = run_json_worker(Path(__file__), payload, envs[alloc], "allocator benchmark")
             _check_worker(alloc, lib, r)
-            owners.setdefault(alloc, {"malloc_from": r["malloc_from"], "big_malloc": r["big_malloc"]})
+            owners.setdefault(
+                alloc,
+                {"malloc_from": r["malloc_from"], "big_malloc": r["big_malloc"], "huge_pages_kb": r["huge_pages_kb"]},
+            )
             for name, per_batch in r["nets"].items():
                 for batch, got in per_batch.items():
                     for what, per_route in got.items():
@@ -260,26 +279,27 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Measured on {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['versions']['torch']}, onnxruntime "
         f"{m['versions']['onnxruntime']}, {results['libc']}; 1 thread; µs per call and minor page faults per call "
         f"(in brackets), median of {s['rounds']} rounds in each of {s['processes']} fresh process(es) per allocator "
-        f"(in alternating order). glibc tuned: `GLIBC_TUNABLES={TUNED_GLIBC}`; `{lib}` is preloaded with "
+        f"(in alternating order). glibc tuned: `GLIBC_TUNABLES={TUNED_GLIBC}`; THP: glibc with PyTorch's "
+        f"`{_thp_setting()}` (transparent huge pages for tensors of 2 MiB and more; the kernel's THP mode here: "
+        f"{results.get('thp_mode')}); `{lib}` is preloaded with "
         "`LD_PRELOAD`. The artifacts are the same files in every column. Speed-up: vs glibc. Ratio vs ONNX "
         "Runtime (same allocator): above 1, ours is faster. The allocators run in different processes, minutes "
         "apart: where ONNX Runtime's own speed-up is far from 1× the shared machine's speed drifted between them, "
         "and the ratios vs ONNX Runtime, measured within each process, are the figures to read.",
         "",
-        f"| net | batch | route | glibc | glibc tuned | speed-up | {lib} | speed-up | vs ONNX Runtime: glibc, "
-        f"tuned, {lib} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| net | batch | route | glibc | glibc tuned | speed-up | THP | speed-up | {lib} | speed-up | vs ONNX "
+        f"Runtime: glibc, tuned, THP, {lib} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per_batch in results["nets"].items():
         for batch, row in per_batch.items():
             for route in ROUTES:
                 cells = [f"{row[f'{route}_{a}_us']:.0f} ({row[f'{route}_{a}_faults']:,.0f})" for a in ALLOCATORS]
                 vs = " / ".join(f"{row[f'x86_vs_ort_{a}']:.2f}×" for a in ALLOCATORS) if route == "x86_int8" else ""
-                lines.append(
-                    f"| {name} | {batch} | {ROUTE_NAMES[route]} | {cells[0]} | {cells[1]} | "
-                    f"{row[f'{route}_glibc_tuned_speedup']:.2f}× | {cells[2]} | "
-                    f"{row[f'{route}_preloaded_speedup']:.2f}× | {vs} |"
+                others = " | ".join(
+                    f"{c} | {row[f'{route}_{a}_speedup']:.2f}×" for c, a in zip(cells[1:], ALLOCATORS[1:])
                 )
+                lines.append(f"| {name} | {batch} | {ROUTE_NAMES[route]} | {cells[0]} | {others} | {vs} |")
     lines += [
         "",
         "Why it matters. At batch 1 each int8 conv call of the `.pt2` allocates and frees oneDNN scratchpads and "
@@ -290,11 +310,17 @@ def render_markdown(results: dict[str, Any]) -> str:
         "jemalloc or tcmalloc are the usual alternatives, not measured here). With large activations (batch 32 at "
         "224×224) glibc instead returns each freed activation to the kernel and the next call faults it back in; "
         f"`GLIBC_TUNABLES={TUNED_GLIBC}` in the serving process's environment stops that without a new library "
-        "(the process keeps its peak memory, as it does with mimalloc).",
+        "(the process keeps its peak memory, as it does with mimalloc); PyTorch's own "
+        f"`{_thp_setting()}` keeps glibc's behaviour but faults the memory in as 2 MiB huge pages, 512 times fewer "
+        "faults (where the kernel's THP mode is `madvise` or `always`).",
         "",
         f"Wall time {results['wall_s']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _thp_setting() -> str:
+    return " ".join(f"{k}={v}" for k, v in THP_ENV.items())
 
 
 def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
@@ -313,6 +339,7 @@ def run(s: dict[str, Any], lib: str, out: Path, quick: bool) -> dict[str, Any]:
         "library": lib,
         "malloc": owners,
         "libc": " ".join(platform.libc_ver()),
+        "thp_mode": thp_mode(),
         "settings": s,
         "machine": machine(),
         "nets": nets,

@@ -272,3 +272,43 @@ def probe_big_malloc() -> dict[str, bool] | None:
     mapped = libc.mallinfo2().hblks > before
     libc.free(ptr)
     return {"mmapped": mapped, "kept": libc.mallinfo2().keepcost >= _PROBE_BYTES}
+
+
+#: PyTorch's own switch (read when the process first allocates a large tensor): CPU tensors of 2 MiB and more are
+#: aligned to 2 MiB and ``madvise``'d as transparent huge pages, so a fresh activation faults in 2 MiB at a time.
+THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``); None where it cannot be read."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+def probe_tensor_huge_pages() -> int | None:
+    """kB of transparent huge pages a fresh, written 64 MiB torch tensor got: proof that ``THP_ENV`` took effect.
+
+    None where ``/proc/self/smaps_rollup`` is missing. Call it early, before large tensors have been freed (their
+    memory could serve this one).
+    """
+
+    def anon_huge_kb() -> int | None:
+        try:
+            for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    before = anon_huge_kb()
+    if before is None:
+        return None
+    t = torch.empty(_PROBE_BYTES, dtype=torch.uint8)
+    t.fill_(1)
+    after = anon_huge_kb() or 0
+    del t
+    return after - before

@@ -75,7 +75,11 @@ def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.Lig
 
 def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> Path:
     """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
-    path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+    path = (
+        Path(dirpath).expanduser()
+        if dirpath is not None
+        else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+    )
     if path.exists() and not path.is_dir():
         raise ValueError(
             f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path."

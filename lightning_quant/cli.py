@@ -149,8 +149,24 @@ def _load_checkpoint(model_cls: type, ckpt: Path) -> Any:
     try:
         model = model_cls.load_from_checkpoint(str(ckpt), map_location="cpu")
     except Exception as err:  # unpickling, missing keys, hyper-parameters the class does not take...
+        if _holds_qat_graphs(ckpt):
+            raise CommandError(
+                f"--ckpt {str(ckpt)!r} was written during quantization-aware training (it holds fake-quant graphs, not "
+                f"a float {model_cls.__name__}): QATCallback exported its int8 model when fit ended. Pass a checkpoint "
+                "saved before QAT started, or load this one in Python with `lightning_quant.load_qat_checkpoint`."
+            ) from None
         raise CommandError(f"--ckpt {str(ckpt)!r}: not loadable as {model_cls.__name__} ({first_line(err)})") from None
     return model.eval()
+
+
+def _holds_qat_graphs(ckpt: Path) -> bool:
+    from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+    try:
+        state = pl_load(str(ckpt), map_location="cpu", weights_only=True).get("state_dict", {})
+    except Exception:  # noqa: BLE001 - not a checkpoint at all: the caller reports the load error
+        return False
+    return any(k.endswith("._extra_state") and isinstance(v, dict) and "example_spec" in v for k, v in state.items())
 
 
 def _datamodule(cls: type, args_json: str | None) -> Any:
@@ -254,7 +270,13 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sidecar, indent=2, sort_keys=True))
         return 0
-    print(_describe(path, sidecar, sha_ok=export.sha256_file(path) == sidecar["sha256"]))
+    sha_ok = export.sha256_file(path) == sidecar["sha256"]
+    print(_describe(path, sidecar, sha_ok=sha_ok))
+    if not sha_ok:  # what `load` refuses: a script checking the exit status must see it
+        written_for = sidecar.get("file")
+        other = f" (its sidecar was written for {written_for})" if written_for not in (None, path.name) else ""
+        print(f"error: {path.name} does not match the sha256 in its sidecar{other}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -293,7 +315,11 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
         ("size", f"{kib(size)}{ratio}"),
         ("sha256", f"{sc['sha256'][:16]}... ({'matches the file' if sha_ok else 'DOES NOT match the file'})"),
         ("inputs", f"{inputs} (N <= {sc.get('max_batch_size')})"),
-        ("calibration", f"{sc.get('num_calibration_samples')} samples, observer {sc.get('observer')}"),
+        (
+            ("calibration", "none: quantization-aware training (QAT)")
+            if sc.get("observer") == "qat"
+            else ("calibration", f"{sc.get('num_calibration_samples')} samples, observer {sc.get('observer')}")
+        ),
         (
             "weights",
             f"{sc.get('weight_granularity', 'per_channel')}"

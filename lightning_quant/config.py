@@ -62,8 +62,10 @@ WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 
 def first_line(err: BaseException, limit: int = 160) -> str:
     """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
-    lines = str(err).strip().splitlines()
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for Net:" + what they are
+        text = f"{text} {lines[1]}"
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 

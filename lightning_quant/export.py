@@ -33,7 +33,12 @@ from lightning_quant import _torchao
 from lightning_quant.capture import ROUTE_ATTR
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
-from lightning_quant.quantize import META_KEY, contiguous_linear_inputs, pad_single_channel_qconvs
+from lightning_quant.quantize import (
+    META_KEY,
+    contiguous_linear_inputs,
+    fold_pads_into_depthwise_qconvs,
+    pad_single_channel_qconvs,
+)
 
 SIDECAR_FORMAT = 1
 
@@ -335,7 +340,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     backend = BACKENDS[info["backend"]]
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"Expected argument `path` to be a file path, but got {type(path).__name__}.")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix != backend.suffix:
         raise ValueError(
             f"Expected argument `path` to end with {backend.suffix!r} for backend {backend.name!r}, "
@@ -343,6 +348,11 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         )
     if path.is_dir():
         raise ValueError(f"Expected argument `path` to name a file, but {str(path)!r} is a folder.")
+    if sidecar_path(path).is_dir():
+        raise ValueError(
+            f"Expected the sidecar path {str(sidecar_path(path))!r} to be free for the artifact's metadata, but it is "
+            "a folder. Move it, or save under another name."
+        )
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"Expected argument `path` to lie in a folder, but {str(parent)!r} is a file.")
@@ -354,6 +364,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     if backend.name == "x86":
         _require_tensor_outputs(quantized, info["name"])
         quantized = copy.deepcopy(quantized)
+        fold_pads_into_depthwise_qconvs(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)
     ep = capture_export(quantized, args, kwargs, max_batch_size=info["max_batch_size"], name=info["name"])
@@ -397,8 +408,9 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             **(metadata or {}),
         }
         sidecar["parity_max_abs_diff"] = _reload_parity(tmp, sidecar, reference, args, kwargs)
-        text = json_text(sidecar)  # before the artifact replaces an earlier one
-    write_json_atomic(sidecar_path(path), text)
+        # the sidecar is written before the artifact replaces an earlier one: if writing it fails, the earlier
+        # artifact stays
+        write_json_atomic(sidecar_path(path), json_text(sidecar))
     return sidecar
 
 
@@ -464,7 +476,7 @@ class ExportError(QuantizationError):
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise ArtifactError(f"Expected argument `path` to be an artifact file, but {str(path)!r} is a folder.")
     if not path.is_file():
@@ -626,7 +638,7 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
     if not isinstance(verify, bool):
         raise TypeError(f"Expected argument `verify` to be a bool, but got {verify!r}.")
     wanted = resolve_backend(backend).name if backend is not None else None
-    path = Path(path)
+    path = Path(path).expanduser()
     sidecar = read_sidecar(path)
     if wanted is not None and wanted != sidecar["backend"]:
         raise ArtifactError(
@@ -634,9 +646,14 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
             f"backend, or load it without `backend=`."
         )
     if verify and sha256_file(path) != sidecar["sha256"]:
+        written_for = sidecar.get("file")
+        if isinstance(written_for, str) and written_for != path.name:
+            why = f"the sidecar {sidecar_path(path).name} was written for {written_for}, or this file was altered"
+        else:
+            why = "the file is truncated or was altered"
         raise ArtifactError(
-            f"{path.name} does not match the sha256 in its sidecar: the file is truncated or was altered. "
-            "Re-export it; only load artifacts you trust (an x86 package contains native code)."
+            f"{path.name} does not match the sha256 in its sidecar: {why}. Re-export it; only load artifacts you trust "
+            "(an x86 package contains native code)."
         )
     runner = _open_runner(path, sidecar["backend"])
     _check_call_spec(sidecar, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +120,36 @@ class QATCallback(QuantResults, Callback):
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.targets: tuple[str, ...] = ()
+        self._targets_of: weakref.ref | None = None  # the LightningModule `targets` were resolved for
         self.phase = "float"  # "float" before start_epoch, "qat" from it on
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
         self.report: QuantReport | None = None
         self._warned_eval: set[str] = set()
         self._warned_bypass: set[str] = set()
         self._batches = 0
+        self._epochs_run = 0  # training epochs this fit has run
+        self._defer = False  # fit is setting up: graphs restored from a checkpoint wait for `on_fit_start`
+        self._pending: dict[str, QATGraph] = {}
         self._bypass = _BypassCounter()
 
     # ---------------------------------------------------------------------------------------------- state
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_targets_of"] = None  # a weak reference does not pickle (ddp_spawn); resolved again where it lands
+        return state
+
+    def _resolve(self, pl_module: pl.LightningModule) -> tuple[str, ...]:
+        """The targets in ``pl_module``, resolved once per model (one callback may serve several models in turn)."""
+        owner = self._targets_of() if self._targets_of is not None else None
+        if not self.targets or owner is not pl_module:
+            self.targets = resolve_targets(pl_module, self.config.modules)
+            self._targets_of = weakref.ref(pl_module)
+        return self.targets
+
     def graphs(self, pl_module: pl.LightningModule) -> dict[str, QATGraph]:
         """The fake-quant graphs currently installed in ``pl_module`` (empty before ``start_epoch``)."""
-        targets = self.targets or resolve_targets(pl_module, self.config.modules)
-        found = {name: installed(pl_module, name) for name in targets}
+        found = {name: installed(pl_module, name) for name in self._resolve(pl_module)}
         return {name: g for name, g in found.items() if isinstance(g, QATGraph)}
 
     # ---------------------------------------------------------------------------------------------- hooks
@@ -147,12 +164,15 @@ class QATCallback(QuantResults, Callback):
         ``load_state_dict`` or ``load_from_checkpoint`` outside a Trainer, e.g.
         ``model = MyModel(**ckpt["hyper_parameters"]); qat.attach(model); model.load_state_dict(ckpt["state_dict"])``.
         """
-        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        self._resolve(pl_module)
         hooks = getattr(pl_module, "_lightning_quant_hooks", None)
         if hooks is None:
             hooks = pl_module._lightning_quant_hooks = {}
         if id(self) not in hooks:
-            hooks[id(self)] = pl_module.register_load_state_dict_pre_hook(_SwapBeforeLoad(self))
+            hooks[id(self)] = (
+                pl_module.register_load_state_dict_pre_hook(_SwapBeforeLoad(self)),
+                pl_module.register_load_state_dict_post_hook(_DeferAfterLoad(self)),
+            )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -168,7 +188,7 @@ class QATCallback(QuantResults, Callback):
                     f"cannot be loaded into this model: {err}"
                 )
                 return
-        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        self._resolve(pl_module)
         check_siblings(self, trainer, pl_module)
         if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):
             raise QuantizationError(
@@ -176,9 +196,16 @@ class QATCallback(QuantResults, Callback):
                 "learned into your model, which needs the QAT load hook: call `qat_callback.attach(model)` before "
                 "`trainer.fit(model, ...)`."
             )
+        self._defer = stage == "fit"
+        self._pending = {}
         self.attach(pl_module)
         if stage != "fit":
             return
+        # what an earlier fit (or another model) left must not pass for this fit's results or warnings
+        self.phase = "float"
+        self.quantized_modules, self.report = {}, None
+        self._warned_eval, self._warned_bypass = set(), set()
+        self._epochs_run = 0
         max_epochs = trainer.max_epochs
         if isinstance(max_epochs, int) and 0 <= max_epochs <= self.start_epoch:
             raise ValueError(
@@ -187,20 +214,35 @@ class QATCallback(QuantResults, Callback):
             )
         if self.export:
             resolve_dirpath(self.dirpath, trainer)
+        if trainer.world_size > 1 and next(pl_module.buffers(), None) is None:
+            # DDP broadcasts rank 0's buffers before each forward (the observers' ranges, so every rank converts the
+            # same scales), collecting them afresh each time, but only if the model had buffers when it was wrapped:
+            # a model without BatchNorm has none until the fake-quant graph is captured.
+            pl_module.register_buffer(_DDP_SYNC_BUFFER, torch.zeros(()), persistent=False)
 
     def swap(self, pl_module: pl.LightningModule, only: str | None = None) -> dict[str, QATGraph]:
         """Install a fake-quant graph for every target (or ``only`` one) that has none yet; returns all installed."""
-        self.targets = self.targets or resolve_targets(pl_module, self.config.modules)
+        self._resolve(pl_module)
         for name in self.targets if only is None else (only,):
             current = installed(pl_module, name)
             if not isinstance(current, QATGraph):
                 graph = QATGraph(current, name, self.config).to(_device_of(current))
-                install(pl_module, name, graph.train(current.training))
+                graph.training = current.training  # not .train(): layers the user keeps in eval stay so
+                install(pl_module, name, graph)
         return self.graphs(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after `configure_optimizers`, which saw the float modules as in the run that wrote the checkpoint
+        self._defer = False
+        for name, graph in self._pending.items():
+            install(pl_module, name, graph.to(_device_of(graph.float_module)))
+        self._pending = {}
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._bypass.stop()  # an epoch that did not end leaves no hooks on the user's layers
+        self._defer, self._pending = False, {}
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -217,6 +259,7 @@ class QATCallback(QuantResults, Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epochs_run += 1
         epoch = trainer.current_epoch
         if epoch < self.start_epoch:
             self.phase = "float"
@@ -279,7 +322,7 @@ class QATCallback(QuantResults, Callback):
         graphs = self.graphs(pl_module)
         if not graphs or not all(g.captured for g in graphs.values()):
             pl.utilities.rank_zero_warn(
-                f"QATCallback: fit ended before QAT ran (start_epoch={self.start_epoch}); no int8 model was exported."
+                f"QATCallback: {self._why_no_qat(trainer, graphs)}; no int8 model was exported."
             )
             return
         # converted once, on rank 0 (the only rank that writes artifacts): every rank gets the same int8 model
@@ -298,6 +341,18 @@ class QATCallback(QuantResults, Callback):
                 baseline="fake-quant",
             )
 
+    def _why_no_qat(self, trainer: pl.Trainer, graphs: dict[str, QATGraph]) -> str:
+        if graphs:
+            never = [n for n, g in graphs.items() if not g.captured]
+            return f"{never} never ran after the swap to fake quantization, so there is nothing to convert"
+        if not self._epochs_run:
+            return (
+                f"fit ran no training epoch (it started at epoch {trainer.current_epoch} and max_epochs is "
+                f"{trainer.max_epochs}, e.g. resuming a finished run): raise max_epochs to train with QAT"
+            )
+        n = self._epochs_run
+        return f"fit ended before QAT ran (start_epoch={self.start_epoch}; it ran {n} training epoch{'s' * (n != 1)})"
+
     @property
     @override
     def state_key(self) -> str:
@@ -309,6 +364,7 @@ class QATCallback(QuantResults, Callback):
             "phase": self.phase,
             "backend": self.config.backend,
             "weight_granularity": self.config.weight_granularity,
+            "max_batch_size": self.config.max_batch_size,
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
@@ -331,6 +387,10 @@ class QATCallback(QuantResults, Callback):
                 f"The checkpoint was trained with QAT and weight_granularity={granularity!r}, but "
                 f"`weight_granularity` is now {self.config.weight_granularity!r}. Resume with the same value."
             )
+
+
+#: a placeholder buffer that makes DDP synchronize the buffers the fake-quant graphs add later (see ``setup``)
+_DDP_SYNC_BUFFER = "_lightning_quant_ddp_sync"
 
 
 class _BypassCounter:
@@ -425,6 +485,46 @@ class _SwapBeforeLoad:
                 )
 
 
+class _DeferAfterLoad:
+    """``load_state_dict`` post-hook: while ``fit`` sets up, hand the float modules back until ``on_fit_start``.
+
+    On resume Lightning loads the model before ``configure_optimizers``. With the float modules in place there, the
+    user's code sees the model it was written for (``self.model.backbone.parameters()``, ``self.model[0]``) and the
+    optimizer lists the Parameters in the order of the run that saved its state. The graphs hold the loaded state
+    (their Parameters and BatchNorm buffers are the float modules') and go back in at ``on_fit_start``.
+    """
+
+    def __init__(self, callback: QATCallback) -> None:
+        self.callback = callback
+
+    def __call__(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
+        if not self.callback._defer:
+            return
+        for name in self.callback.targets:
+            graph = installed(module, name)
+            if isinstance(graph, QATGraph) and graph.captured:
+                uninstall(module, name, graph.float_module)
+                self.callback._pending[name] = graph
+
+
+def _states_from_graphs(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    """``QATCallback`` settings read from the captured graphs in a model ``state_dict`` (one per graph)."""
+    states = []
+    for key, extra in state_dict.items():
+        if not (key.endswith("._extra_state") and isinstance(extra, dict) and extra.get("example_spec")):
+            continue
+        name = key[: -len("._extra_state")]
+        states.append(
+            {
+                "backend": extra.get("backend", "x86"),
+                "targets": [SELF if name == ROUTE_ATTR else name],
+                "weight_granularity": extra.get("weight_granularity", "per_channel"),
+                "max_batch_size": extra.get("max_batch_size", 1024),
+            }
+        )
+    return states
+
+
 def _float_keys(root: torch.nn.Module, name: str, graph: QATGraph, prefix: str) -> set[str]:
     """The state_dict keys ``name``'s float module has under ``root`` (for ``"self"``: all but the route's)."""
     if name == SELF:
@@ -466,7 +566,8 @@ def load_qat_checkpoint(
 ) -> pl.LightningModule:
     """``cls.load_from_checkpoint`` for a checkpoint written during QAT: the fake-quant graphs are rebuilt first.
 
-    The QAT settings (backend, submodules) are read from the ``QATCallback`` state saved in the checkpoint.
+    The QAT settings (backend, submodules, weight granularity, batch limit) are read from the ``QATCallback`` states
+    saved in the checkpoint (one per callback the run had).
 
     Example::
 
@@ -505,12 +606,14 @@ def load_qat_checkpoint(
             f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {checkpoint_path!r} is not."
         )
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)]
+    if not states:  # a weights-only checkpoint: the graphs' own state says what QAT ran on
+        states = _states_from_graphs(checkpoint["state_dict"])
     if not states:
         raise ValueError(
             f"Expected `checkpoint_path` to be a checkpoint written with QATCallback, but {checkpoint_path!r} holds no "
-            f"QATCallback state. A float checkpoint loads with `{cls.__name__}.load_from_checkpoint(...)`."
+            "QATCallback state and no fake-quant graphs (it was saved before QAT started, or without QAT). A float "
+            f"checkpoint loads with `{cls.__name__}.load_from_checkpoint(...)`."
         )
-    state = states[0]
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     accepted = inspect.signature(cls.__init__).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
@@ -519,6 +622,12 @@ def load_qat_checkpoint(
     if is_overridden("configure_model", model):
         model.configure_model()
     model.on_load_checkpoint(checkpoint)
-    QATCallback(backend=state["backend"], modules=state.get("targets") or None).attach(model)
+    for state in states:  # one per QATCallback the run had (e.g. one per submodule)
+        QATCallback(
+            backend=state["backend"],
+            modules=state.get("targets") or None,
+            weight_granularity=state.get("weight_granularity", "per_channel"),
+            max_batch_size=state.get("max_batch_size", 1024),
+        ).attach(model)
     model.load_state_dict(checkpoint["state_dict"])
     return model

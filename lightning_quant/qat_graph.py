@@ -33,19 +33,28 @@ _BATCH_NORM = (aten.batch_norm.default, aten._native_batch_norm_legit.default, a
 _DROPOUT = (aten.dropout.default,)
 
 
-def set_graph_training(gm: torch.fx.GraphModule, train: bool, bn_frozen: bool = False) -> bool:
-    """Flip only the ``training`` literal of BatchNorm and dropout nodes (BN stays in eval when ``bn_frozen``)."""
+def set_graph_training(
+    gm: torch.fx.GraphModule, train: bool, bn_frozen: bool = False, keep_eval: frozenset[str] = frozenset()
+) -> bool:
+    """Flip only the ``training`` literal of BatchNorm and dropout nodes.
+
+    BatchNorm stays in eval when ``bn_frozen``; the nodes named in ``keep_eval`` (layers the user put in eval mode
+    inside a training submodule) stay in eval always.
+    """
     changed = False
-    bn_train = bool(train and not bn_frozen)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in _BATCH_NORM and node.args[5] != bn_train:
-            node.args = (*node.args[:5], bn_train, *node.args[6:])
-            changed = True
-        elif node.target in _DROPOUT and node.args[2] != bool(train):
-            node.args = (*node.args[:2], bool(train), *node.args[3:])
-            changed = True
+        if node.target in _BATCH_NORM:
+            bn_train = bool(train and not bn_frozen and node.name not in keep_eval)
+            if node.args[5] != bn_train:
+                node.args = (*node.args[:5], bn_train, *node.args[6:])
+                changed = True
+        elif node.target in _DROPOUT:
+            drop_train = bool(train and node.name not in keep_eval)
+            if node.args[2] != drop_train:
+                node.args = (*node.args[:2], drop_train, *node.args[3:])
+                changed = True
     if changed:
         gm.recompile()
     return changed
@@ -79,6 +88,38 @@ def restore_bn_literals(gm: torch.fx.GraphModule, float_module: nn.Module) -> in
         fixed += 1
     gm.recompile()
     return fixed
+
+
+def eval_mode_nodes(gm: torch.fx.GraphModule, float_module: nn.Module) -> frozenset[str]:
+    """The BatchNorm and dropout nodes of ``gm`` whose layer in ``float_module`` is in eval mode.
+
+    A layer the user put in eval mode inside a training submodule (BatchNorm kept frozen while fine-tuning, say)
+    keeps that mode in the graph, as Lightning keeps it on the float module.
+    """
+    if not float_module.training:
+        return frozenset()  # the whole submodule in eval: the graph's own mode covers it
+    in_eval = {name for name, m in float_module.named_modules() if name and not m.training}
+    if not in_eval:
+        return frozenset()
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _BATCH_NORM + _DROPOUT:
+            continue
+        owner = None
+        if node.target in _BATCH_NORM and getattr(node.args[4], "op", None) == "get_attr":
+            owner = node.args[4].target.rpartition(".")[0]  # running_var's owner
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [owner] if owner else []
+        paths += [_local_path(path) for path, _ in stack.values()]
+        if any(p in in_eval or any(p.startswith(e + ".") for e in in_eval) for p in paths if p):
+            names.add(node.name)
+    return frozenset(names)
+
+
+def _local_path(path: str) -> str:
+    """``nn_module_stack`` paths as attribute paths: ``L['self'].layer[0]`` / ``layer.0`` -> ``layer.0``."""
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
 def count_unobserved(gm: nn.Module) -> int:
@@ -118,8 +159,10 @@ class QATGraph(nn.Module):
         self.bn_frozen = False
         self.observers_frozen = False
         self._graph_training: bool | None = None
+        self._keep_eval: frozenset[str] = frozenset()  # nodes of layers the user keeps in eval mode
         self._fake_quants: list[nn.Module] = []
         self._shared_buffers: dict[str, str] = {}  # float module buffer name -> the graph's buffer of the same tensor
+        self._unused_buffers: list[tuple[nn.Module, str, nn.Module]] = []  # (float owner, name, holder in `unused`)
         self.training_calls = 0  # train-mode calls: the callback checks that training goes through the graph
 
     @property
@@ -152,7 +195,7 @@ class QATGraph(nn.Module):
     def _sync(self) -> None:
         assert self.gm is not None
         if self._graph_training is None or self._graph_training != self.training:
-            set_graph_training(self.gm, self.training, self.bn_frozen)
+            set_graph_training(self.gm, self.training, self.bn_frozen, self._keep_eval)
             self._graph_training = self.training
         observe = self.training and not self.observers_frozen
         # Read the real buffer, not a Python flag: a checkpoint may have been saved while observers were off.
@@ -175,6 +218,8 @@ class QATGraph(nn.Module):
             for name, graph_name in self._shared_buffers.items():
                 owner, _, attr = name.rpartition(".")
                 self.float_module.get_submodule(owner)._buffers[attr] = buffers[graph_name]
+            for owner, attr, holder in self._unused_buffers:
+                owner._buffers[attr] = holder._buffers[attr]
             device = next((p.device for p in self.gm.parameters()), None)
             if device is not None:
                 retarget_devices(self.gm, device)
@@ -186,7 +231,14 @@ class QATGraph(nn.Module):
         ``device``: where to trace the tensors of ``(args, kwargs)`` (default: where they are).
         """
         module = self.float_module
-        was_training = module.training
+        for layer_name, layer in module.named_modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None:
+                raise QuantizationError(
+                    f"QAT cannot capture {self.name!r}: its BatchNorm {layer_name or self.name!r} has momentum=None (a "
+                    "cumulative average over all batches so far, which torch.export cannot trace in training). Give it "
+                    "a momentum (e.g. `momentum=0.1`, PyTorch's default), or leave this submodule out of `modules=`."
+                )
+        modes = {m: m.training for m in module.modules()}  # module.train() sets them all: restored after
         module.train()
         try:
             self.example_inputs = detach_inputs(args, kwargs)  # CPU copies, for checkpoints and the int8 export
@@ -195,7 +247,8 @@ class QATGraph(nn.Module):
             live = detach_inputs(args, kwargs, device=device)
             ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
         finally:
-            module.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True, per_channel=self.config.per_channel)
         gm = _torchao.prepare(ep.module(), quantizer, is_qat=True)
         if _torchao.count_observers(gm) == 0:
@@ -206,8 +259,12 @@ class QATGraph(nn.Module):
         restore_bn_literals(gm, module)
         _fast_qat.install(gm)  # the same function, fewer full-size passes; convert() undoes it on its copy
         self._modules.pop("source", None)
-        self._keep_example(*self.example_inputs)
+        if self.name != SELF:  # the root keeps its own; a submodule's unused tensors would leave the model
+            self._keep_unused(module, gm)
+        # on the Parameters' device, as every buffer (DDP broadcasts them all, NCCL only from the GPU)
+        self._keep_example(*self.example_inputs, device=next((p.device for p in module.parameters()), None))
         self.gm = gm
+        self._keep_eval = eval_mode_nodes(gm, module)
         graph_buffers = {id(b): n for n, b in gm.named_buffers()}
         self._shared_buffers = {n: graph_buffers[id(b)] for n, b in module.named_buffers() if id(b) in graph_buffers}
         self._fake_quants = [m for m in gm.modules() if _torchao.is_fake_quantize(m)][:1]  # a list: not a child
@@ -215,9 +272,38 @@ class QATGraph(nn.Module):
         if self.observers_frozen:
             gm.apply(_torchao.disable_observer)
 
+    def _keep_unused(self, module: nn.Module, gm: torch.fx.GraphModule) -> None:
+        """Keep the float module's Parameters and buffers its ``forward`` never uses under ``self.unused``.
+
+        ``torch.export`` leaves them out of the graph; without this they would vanish from the model's parameters
+        (an optimizer built on them could not be restored) and from its checkpoints.
+        """
+        in_graph = {id(t) for t in (*gm.parameters(), *gm.buffers())}
+        holder = None
+        for owner_name, owner in module.named_modules():
+            tensors = [(n, t, True) for n, t in owner._parameters.items() if t is not None and id(t) not in in_graph]
+            tensors += [
+                (n, t, n not in owner._non_persistent_buffers_set)
+                for n, t in owner._buffers.items()
+                if t is not None and id(t) not in in_graph
+            ]
+            for attr, tensor, persistent in tensors:
+                if holder is None:
+                    holder = self.unused = nn.Module()
+                where = holder
+                for part in owner_name.split(".") if owner_name else ():
+                    if part not in where._modules:
+                        where.add_module(part, nn.Module())
+                    where = where._modules[part]
+                if isinstance(tensor, nn.Parameter):
+                    where.register_parameter(attr, tensor)
+                else:
+                    where.register_buffer(attr, tensor, persistent=persistent)
+                    self._unused_buffers.append((owner, attr, where))  # kept in step by _apply
+
     # -------------------------------------------------------------------------------------------- checkpoints
 
-    def _keep_example(self, args: tuple, kwargs: dict) -> None:
+    def _keep_example(self, args: tuple, kwargs: dict, device: torch.device | None = None) -> None:
         """Keep (two samples of) the capture inputs in the module's state.
 
         So a checkpoint can be captured again before its weights load (resume, ``validate(ckpt_path=...)``).
@@ -227,7 +313,7 @@ class QATGraph(nn.Module):
         self._example_constants = {}
         for i, x in enumerate(leaves):
             if isinstance(x, torch.Tensor):
-                self.register_buffer(f"example_input_{i}", x[:2].clone() if x.ndim else x.clone())
+                self.register_buffer(f"example_input_{i}", (x[:2] if x.ndim else x).to(device, copy=True))
             else:
                 self._example_constants[str(i)] = x
 
@@ -238,11 +324,16 @@ class QATGraph(nn.Module):
             "bn_frozen": self.bn_frozen,
             "observers_frozen": self.observers_frozen,
             "backend": self.config.backend,
+            "weight_granularity": self.config.weight_granularity,
+            "max_batch_size": self.config.max_batch_size,
+            "keep_eval": sorted(self._keep_eval),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bn_frozen = bool(state.get("bn_frozen", False))
         self.observers_frozen = bool(state.get("observers_frozen", False))
+        if "keep_eval" in state:
+            self._keep_eval = frozenset(state["keep_eval"])
         self._graph_training = None
 
     @staticmethod

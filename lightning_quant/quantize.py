@@ -24,6 +24,7 @@ from lightning_quant.capture import (
     compiled_wrapper_inner,
     detach_inputs,
     export,
+    is_zero_pad,
 )
 from lightning_quant.config import QuantConfig, QuantizationError
 
@@ -122,6 +123,62 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
         graph.eliminate_dead_code()
         strip_unused_attrs(gm)
     return fixed
+
+
+def fold_pads_into_depthwise_qconvs(gm: torch.fx.GraphModule) -> int:
+    """Compute an asymmetric zero pad + int8 depthwise conv as one conv with symmetric padding and a larger kernel.
+
+    EfficientNet's static "same" padding pads right/bottom only before each stride-2 depthwise conv (``F.pad(x, [0,
+    1, 0, 1])``). ``aten.conv2d`` has symmetric padding only, so the pad stays a separate pass that copies the whole
+    activation (about 10% of EfficientNet-Lite0's batch-32 latency on x86). With total padding ``L`` before and ``R``
+    after in a dimension, padding both sides by ``P = max(L, R)`` and growing the kernel by ``P - L`` zero taps in front
+    and ``P - R`` behind reads the same inputs with the same weights, and gives the same output size. The extra taps
+    cost a depthwise conv little (3x3 -> 4x4); dense convs are left alone. Applied to a converted graph before export
+    for x86 (int8 weight 0 is 0.0 with symmetric weights; the pad's zero point pads 0.0). Returns the convs rewritten.
+    """
+    qd = torch.ops.quantized_decomposed
+    graph = gm.graph
+    fixed = 0
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target != torch.ops.aten.conv2d.default or conv.kwargs:
+            continue
+        x_dq, w_dq, bias, stride, padding, dilation, groups = (*conv.args, *_CONV_DEFAULTS[len(conv.args) :])
+        if list(dilation) != [1, 1] or getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
+            continue
+        x_q = x_dq.args[0]
+        pad = x_q.args[0] if getattr(x_q, "target", None) == qd.quantize_per_tensor.default else None
+        if pad is None or not is_zero_pad(pad) or len(pad.args[1]) != 4 or min(pad.args[1]) < 0:
+            continue
+        pad_dq = pad.args[0]
+        if pad_dq.target != qd.dequantize_per_tensor.default or tuple(pad_dq.args[1:6]) != tuple(x_q.args[1:6]):
+            continue  # not the same quantization on both sides of the pad
+        if getattr(w_dq, "target", None) != qd.dequantize_per_channel.default or w_dq.args[0].op != "get_attr":
+            continue
+        w_attr, w_zp = w_dq.args[0], w_dq.args[2]
+        weight = _get_attr(gm, w_attr.target)
+        zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or weight.shape[1] != 1 or groups == 1:
+            continue  # depthwise only
+        if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:
+            continue
+        left, right, top, bottom = pad.args[1]
+        before = [top + padding[0], left + padding[1]]
+        after = [bottom + padding[0], right + padding[1]]
+        sym = [max(b, a) for b, a in zip(before, after)]
+        grow = [sym[1] - before[1], sym[1] - after[1], sym[0] - before[0], sym[0] - after[0]]
+        name = f"{w_attr.target}_grown"
+        gm.register_buffer(name, torch.nn.functional.pad(weight, grow))  # int8 zeros
+        w_attr.target = name
+        conv.args = (pad_dq, w_dq, bias, list(stride), sym, [1, 1], groups)
+        fixed += 1
+    if fixed:
+        graph.eliminate_dead_code()
+        strip_unused_attrs(gm)
+    return fixed
+
+
+#: aten.conv2d's defaults after (input, weight): bias, stride, padding, dilation, groups
+_CONV_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
 
 
 def contiguous_linear_inputs(gm: torch.fx.GraphModule) -> int:

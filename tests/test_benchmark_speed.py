@@ -106,11 +106,13 @@ def test_allocator_benchmark_quick_run(tmp_path):
     assert "libc" in Path(seen["glibc"]["malloc_from"]).name
     assert seen["glibc_tuned"]["malloc_from"] == seen["glibc"]["malloc_from"]
     assert seen["glibc_tuned"]["big_malloc"] == {"mmapped": False, "kept": True}
+    if results["thp_mode"] in ("always", "madvise"):  # PyTorch's THP_MEM_ALLOC_ENABLE took effect in that worker
+        assert seen["thp"]["huge_pages_kb"] > 0
     row = results["nets"]["resnet"]["1"]
     for route in allocator.ROUTES:
         for alloc in allocator.ALLOCATORS:
             assert row[f"{route}_{alloc}_us"] > 0 and row[f"{route}_{alloc}_faults"] >= 0
-        for alloc in ("glibc_tuned", "preloaded"):
+        for alloc in ("glibc_tuned", "thp", "preloaded"):
             ratio = row[f"{route}_glibc_us"] / row[f"{route}_{alloc}_us"]
             assert row[f"{route}_{alloc}_speedup"] == pytest.approx(ratio, 1e-2)
     md = (tmp_path / "allocator.md").read_text()
@@ -132,7 +134,8 @@ def test_tuned_glibc_keeps_a_large_malloc_off_mmap_and_in_its_heap():
             seen[alloc] = json.loads(run.stdout.strip().splitlines()[-1])
     if seen["glibc"] is None:
         pytest.skip("no mallinfo2 (glibc < 2.33)")
-    assert seen == {"glibc": {"mmapped": True, "kept": False}, "glibc_tuned": {"mmapped": False, "kept": True}}
+    untuned = {"mmapped": True, "kept": False}
+    assert seen == {"glibc": untuned, "glibc_tuned": {"mmapped": False, "kept": True}, "thp": untuned}
     with pytest.raises(RuntimeError, match="did not run with GLIBC_TUNABLES"):
         allocator._check_worker(
             "glibc_tuned", "/nonexistent/libmalloc.so", {"malloc_from": "/lib/libc.so.6", "big_malloc": seen["glibc"]}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_quant.cli import main
 from lightning_quant.demo import DemoData, LitClassifier
@@ -121,6 +122,37 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, dummy_ckpt, argv, match):
     assert match in _one_error_line(captured.err)
 
 
+def test_a_qat_checkpoint_for_ckpt_is_named_as_such(tmp_path, capsys):
+    from lightning_quant import QATCallback
+    from lightning_quant.demo import LitClassifier
+
+    model = LitClassifier(image_size=12, width=8)
+    QATCallback().swap(model)
+    model.model(torch.randn(4, 1, 12, 12))  # captured: the checkpoint holds a fake-quant graph
+    ckpt = tmp_path / "qat.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {"image_size": 12, "width": 8},
+            "pytorch-lightning_version": pl.__version__,
+        },
+        ckpt,
+    )
+    assert main(["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", str(ckpt), "--out", str(tmp_path)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "written during quantization-aware training" in line and "load_qat_checkpoint" in line
+
+
+def test_first_line_of_a_state_dict_error_says_what_is_missing():
+    from lightning_quant.config import first_line
+
+    err = RuntimeError('Error(s) in loading state_dict for Net:\n\tMissing key(s) in state_dict: "fc.weight".')
+    assert (
+        first_line(err)
+        == 'RuntimeError: Error(s) in loading state_dict for Net: Missing key(s) in state_dict: "fc.weight".'
+    )
+
+
 def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     out = subprocess.run(
         [
@@ -167,6 +199,16 @@ def test_inspect_prints_the_sidecar_readably(tmp_path, capsys):
     assert "val_acc 0.9000 0.8900 -0.0100" in out
 
 
+def test_inspect_names_qat_artifacts_and_a_sidecar_written_for_another_file(tmp_path, capsys):
+    path = _fake_artifact(tmp_path, observer="qat", num_calibration_samples=None, method="QAT")
+    assert main(["inspect", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "calibration none: quantization-aware training (QAT)" in out and "None samples" not in out
+    path = _fake_artifact(tmp_path, file="other_int8.pt2", sha256="0" * 64)
+    assert main(["inspect", str(path)]) == 1
+    assert "its sidecar was written for other_int8.pt2" in capsys.readouterr().err
+
+
 def test_inspect_prints_a_hand_edited_sidecar_as_written(tmp_path, capsys):
     metrics = {"fp32": {"val_acc": "n/a", "val_loss": 0.5, "note": None}, "int8": {"val_acc": 0.89, "val_loss": True}}
     path = _fake_artifact(
@@ -188,8 +230,9 @@ def test_inspect_prints_a_hand_edited_sidecar_as_written(tmp_path, capsys):
 def test_inspect_flags_a_changed_file_and_prints_raw_json(tmp_path, capsys):
     path = _fake_artifact(tmp_path)
     path.write_bytes(b"altered")
-    assert main(["inspect", str(path)]) == 0
-    assert "DOES NOT match the file" in capsys.readouterr().out
+    assert main(["inspect", str(path)]) == 1  # what `load` refuses: the exit status says so
+    out, err = capsys.readouterr()
+    assert "DOES NOT match the file" in out and "does not match the sha256" in err
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "x86"
 

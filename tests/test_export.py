@@ -381,6 +381,53 @@ def test_failed_save_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_failed_sidecar_write_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monkeypatch):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    before = path.read_bytes(), Path(str(path) + ".json").read_bytes()
+    real = export_mod.write_json_atomic
+
+    def broken(target, data):
+        if str(target).endswith(".pt2.json"):
+            raise OSError("disk full")
+        return real(target, data)
+
+    monkeypatch.setattr(export_mod, "write_json_atomic", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save(tiny_q, path)
+    assert (path.read_bytes(), Path(str(path) + ".json").read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
+
+
+def test_save_refuses_a_folder_where_the_sidecar_goes(tiny_q, tmp_path):
+    (tmp_path / "m.pt2.json").mkdir()
+    with pytest.raises(ValueError, match=r"sidecar path .*m.pt2.json' .* is a folder"):
+        save(tiny_q, tmp_path / "m.pt2")
+    assert sorted(os.listdir(tmp_path)) == ["m.pt2.json"]
+
+
+@pytest.mark.slow
+def test_sidecar_of_another_artifact_is_named(x86_artifact, tmp_path):
+    path = _copy_artifact(x86_artifact.path, tmp_path)
+    sidecar = Path(str(path) + ".json")
+    data = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**data, "file": "other.pt2", "sha256": "0" * 64}))
+    with pytest.raises(ArtifactError, match=r"sidecar model.pt2.json was written for other.pt2"):
+        load(path)
+
+
+@pytest.mark.slow
+def test_paths_with_a_tilde_mean_the_home_folder(x86_artifact, tmp_path, monkeypatch):
+    from lightning_quant._guards import resolve_dirpath
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "int8").mkdir()
+    _copy_artifact(x86_artifact.path, tmp_path / "int8")
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(load("~/int8/model.pt2")(x), x86_artifact.q(x), atol=1e-4, rtol=0)
+    assert resolve_dirpath("~/quantized", trainer=None) == tmp_path / "quantized"
+
+
+@pytest.mark.slow
 def test_compiler_failure_names_the_model_and_keeps_earlier_artifact(x86_artifact, tiny_q, tmp_path, monkeypatch):
     path = _copy_artifact(x86_artifact.path, tmp_path)
     before = path.read_bytes()

@@ -366,6 +366,50 @@ def test_moving_a_captured_graph_moves_the_float_module_and_the_recorded_devices
     assert net.body[1].running_var.device.type == "meta"
 
 
+def test_capture_keeps_the_example_inputs_where_the_parameters_are():
+    # "meta" stands in for CUDA: every buffer on the model's device (DDP with NCCL broadcasts them all)
+    graph = QATGraph(_conv_bn(), "model", QuantConfig()).train()
+    graph(torch.randn(4, 1, 6, 6))
+    graph.to("meta")
+    assert {b.device.type for b in graph.buffers()} == {"meta"}
+    graph = QATGraph(_conv_bn().to("meta"), "model", QuantConfig()).train()
+    graph.capture((torch.randn(4, 1, 6, 6),), {}, device=torch.device("meta"))
+    assert {b.device.type for b in graph.buffers()} == {"meta"}
+
+
+def test_batchnorm_with_a_cumulative_average_is_refused_by_name():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    graph = QATGraph(net, "model", QuantConfig()).train()
+    with pytest.raises(QuantizationError, match=r"BatchNorm '1' has momentum=None .* `momentum=0.1`"):
+        graph(torch.randn(4, 1, 6, 6))
+
+
+class _FrozenBN(DropoutNet):
+    """Fine-tuning with BatchNorm kept in eval mode, and dropout off, inside the training submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model[1].eval()
+        self.model[5].eval()
+
+
+def test_layers_kept_in_eval_mode_stay_so_under_qat(tmp_path):
+    model = _FrozenBN()
+    stats = {k: v.clone() for k, v in model.model[1].state_dict().items() if k.startswith("running")}
+    _fit(model, [QATCallback(start_epoch=1, export=False)], tmp_path, max_epochs=3)
+    graph = model.model
+    assert isinstance(graph, QATGraph) and graph.captured
+    assert not graph.float_module[1].training and graph.float_module[0].training
+    after = graph.float_module[1].state_dict()
+    assert [k for k in stats if not torch.equal(stats[k], after[k])] == [], "the BatchNorm kept in eval was updated"
+    nodes = {n.target: n for n in graph.gm.graph.nodes if n.op == "call_function"}
+    assert nodes[torch.ops.aten.dropout.default].args[2] is False
+    # and a checkpoint keeps it: the graph captured again from it has the same layers in eval
+    again = QATGraph(DropoutNet().model, "model", graph.config)
+    again.capture_from_state_dict(graph.state_dict(), "")
+    assert again._keep_eval == graph._keep_eval and again._keep_eval
+
+
 def test_graph_helpers_flip_only_the_training_literal():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.01), nn.Dropout(0.2)).train()
     gm = torch.export.export(net, (torch.randn(2, 1, 6, 6),)).module()
@@ -785,13 +829,35 @@ def test_artifact_checked_at_another_batch_than_the_capture_batch():
         check_other_batch(static_batch, q, (x,), {}, "model")
 
 
+def test_one_callback_fits_two_models_in_turn(tmp_path):
+    qat = QATCallback(start_epoch=0, export=False)
+    first = DropoutNet()
+    _fit(first, [qat], tmp_path / "a", max_epochs=1)
+    second = FlatLayout()  # its layers are on the LightningModule: another target
+    _fit(second, [qat], tmp_path / "b", max_epochs=1)
+    assert qat.targets == ("self",) and qat.graphs(second)
+    assert isinstance(first.model, QATGraph)
+
+
 def test_fit_ending_before_qat_starts_warns_and_says_why_there_is_no_model(tmp_path):
     qat = QATCallback(start_epoch=1, dirpath=str(tmp_path))
-    with pytest.warns(UserWarning, match=r"fit ended before QAT ran \(start_epoch=1\); no int8 model was exported"):
+    match = r"fit ended before QAT ran \(start_epoch=1; it ran 1 training epoch\); no int8 model was exported"
+    with pytest.warns(UserWarning, match=match):
         _fit(DropoutNet(), [qat], tmp_path, max_epochs=3, max_steps=2)  # stops within epoch 0
     assert qat.report is None and qat.artifacts == {}
     with pytest.raises(RuntimeError, match=r"there is none: .*ended before QAT started \(`start_epoch`\)"):
         _ = qat.quantized_model
+
+
+def test_resuming_a_finished_float_run_says_to_raise_max_epochs(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    _fit(DropoutNet(), [ckpt], tmp_path, max_epochs=2, enable_checkpointing=True)
+    qat = QATCallback(start_epoch=0, dirpath=str(tmp_path / "q"))
+    with pytest.warns(UserWarning, match=r"fit ran no training epoch \(it started at epoch 2 and max_epochs is 2"):
+        _fit(DropoutNet(), [qat], tmp_path, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert qat.report is None
 
 
 class _EvalStudent(_Base):

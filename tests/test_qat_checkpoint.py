@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_ptq import BackboneHead, FlatLayout, _fit, _loaders
 from test_qat import DropoutNet
+from torch import nn
 
 from lightning_quant import PTQCallback, QATCallback, QATGraph
 
@@ -100,6 +101,96 @@ def test_resume_with_one_qat_callback_per_submodule(tmp_path):
     model = BackboneHead()
     _fit(model, callbacks("b"), tmp_path, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
     assert isinstance(model.backbone, QATGraph) and isinstance(model.head, QATGraph)
+
+
+def test_load_qat_checkpoint_with_one_qat_callback_per_submodule(tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    pl.seed_everything(0)
+    callbacks = [QATCallback(modules=m, export=False) for m in ("backbone", "head")]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    trained = BackboneHead()
+    _fit(trained, [*callbacks, ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    model = load_qat_checkpoint(BackboneHead, str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert isinstance(model.backbone, QATGraph) and isinstance(model.head, QATGraph)
+    x = _loaders()[1].dataset.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().net(x), trained.eval().net(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("weights_only", [False, True], ids=["full", "save_weights_only"])
+def test_load_qat_checkpoint_rebuilds_with_the_saved_granularity_and_batch_limit(weights_only, tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    pl.seed_everything(0)
+    qat = QATCallback(weight_granularity="per_tensor", max_batch_size=2048, export=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_weights_only=weights_only)
+    trained = DropoutNet()
+    _fit(trained, [qat, ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    model = load_qat_checkpoint(DropoutNet, str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    config = model.model.config
+    assert (config.weight_granularity, config.max_batch_size) == ("per_tensor", 2048)
+    x = _loaders()[1].dataset.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().model(x), trained.eval().model(x), atol=0, rtol=0)
+
+
+class _Branchy(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.aux = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # switched off: forward never uses it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _GroupsAndUnusedBranch(DropoutNet):
+    """Parameter groups built from the model's structure, and a branch its forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Branchy(self.model)
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": self.model.body[0].parameters(), "lr": 0.05},
+            {"params": [*self.model.body[1:].parameters(), *self.model.aux.parameters()], "lr": 0.01},
+        ]
+        return torch.optim.SGD(groups, momentum=0.9)
+
+
+def test_resume_with_parameter_groups_by_structure_and_unused_parameters(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    trained = _GroupsAndUnusedBranch()
+    _fit(trained, [QATCallback(start_epoch=0, export=False), ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)
+    assert {k for k in saved["state_dict"] if ".aux." in k} >= {
+        "model.unused.aux.0.weight",
+        "model.unused.aux.1.running_var",
+    }
+    model = _GroupsAndUnusedBranch()
+    record = _Record()
+    _fit(
+        model,
+        [QATCallback(start_epoch=0, export=False), record],
+        tmp_path,
+        max_epochs=2,
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"),
+    )
+    assert isinstance(model.model, QATGraph) and record.val_acc
+    assert torch.equal(
+        model.model.float_module.aux[1].running_var, saved["state_dict"]["model.unused.aux.1.running_var"]
+    )
+    # the restored momentum buffers sit on the Parameters they were saved for
+    opt = model.trainer.optimizers[0]
+    assert all(
+        opt.state[p]["momentum_buffer"].shape == p.shape
+        for g in opt.param_groups
+        for p in g["params"]
+        if p in opt.state
+    )
 
 
 @pytest.mark.slow

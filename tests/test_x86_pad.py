@@ -3,6 +3,7 @@ quantized at their input (int8 pad, fused conv)."""
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import pytest
@@ -13,13 +14,14 @@ from torch.nn import functional as F
 from lightning_quant import _torchao
 from lightning_quant.capture import _PADS, export, fold_zero_pads_into_convs, is_zero_pad
 from lightning_quant.export import load, save
-from lightning_quant.quantize import quantize_ptq
+from lightning_quant.quantize import fold_pads_into_depthwise_qconvs, quantize_ptq
 
 QD = torch.ops.quantized_decomposed
 
 
 class PaddedConvs(nn.Module):
-    """EfficientNet's static "same" padding: ReLU6 -> asymmetric ZeroPad2d -> stride-2 conv; and a pad of 1.0."""
+    """EfficientNet's static "same" padding: ReLU6 -> asymmetric ZeroPad2d -> stride-2 conv (dense, then depthwise
+    3x3 and 5x5); and a pad of 1.0."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,10 +29,14 @@ class PaddedConvs(nn.Module):
         self.act = nn.ReLU6()
         self.pad = nn.ZeroPad2d((0, 1, 0, 1))
         self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
-        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.dw3 = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.dw5 = nn.Conv2d(8, 16, 5, stride=2, groups=8, padding=(1, 0))  # channel multiplier 2, own padding
+        self.conv3 = nn.Conv2d(16, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.pad(self.act(self.conv1(x))))
+        y = self.dw3(F.pad(self.act(y), (0, 1, 0, 1)))
+        y = self.dw5(F.pad(self.act(y), (1, 2, 0, 2)))
         return self.conv3(F.pad(torch.relu(y), (1, 1, 1, 1), value=1.0))  # not a zero pad: left as it is
 
 
@@ -47,20 +53,27 @@ def _quantize(model: nn.Module, data: list[torch.Tensor], move: bool) -> torch.f
 def test_zero_pad_runs_on_int8_with_the_same_results(tmp_path):
     torch.manual_seed(0)
     model = PaddedConvs().eval()
-    data = [torch.randn(8, 3, 9, 9) * 2 for _ in range(2)]
+    data = [torch.randn(8, 3, 17, 17) * 2 for _ in range(2)]
     moved, kept = _quantize(model, data, move=True), _quantize(model, data, move=False)
-    zero_pad, one_pad = _pads(moved)
-    assert zero_pad.args[0].target == QD.dequantize_per_tensor.default  # quantized before the pad...
-    assert [u.target for u in zero_pad.users] == [QD.quantize_per_tensor.default]  # ...with the same qparams after it
-    assert zero_pad.args[0].args[1:3] == next(iter(zero_pad.users)).args[1:3]
+    *zero_pads, one_pad = _pads(moved)
+    for zero_pad in zero_pads:
+        assert zero_pad.args[0].target == QD.dequantize_per_tensor.default  # quantized before the pad...
+        assert [u.target for u in zero_pad.users] == [QD.quantize_per_tensor.default]  # ...with the same qparams
+        assert zero_pad.args[0].args[1:3] == next(iter(zero_pad.users)).args[1:3]
     assert one_pad.args[0].target != QD.dequantize_per_tensor.default  # a pad of 1.0 is not moved
     assert _pads(kept)[0].args[0].target == torch.ops.aten.hardtanh.default  # without the rewrite: fp32 pad
-    x = torch.randn(5, 3, 9, 9) * 2
+    x = torch.randn(5, 3, 17, 17) * 2
     torch.testing.assert_close(moved(x), kept(x), rtol=0, atol=0)  # the zero point pads exactly 0.0
 
-    save(moved, tmp_path / "m.pt2")  # Inductor lowers the int8 pad; the artifact computes the same thing
+    # at export the pads before depthwise convs become their padding (grown kernels); the dense conv keeps its pad
+    folded = copy.deepcopy(moved)
+    assert fold_pads_into_depthwise_qconvs(folded) == 2
+    assert len(_pads(folded)) == 2 and folded(x).shape == moved(x).shape
     expected = moved(x)
-    torch.testing.assert_close(load(tmp_path / "m.pt2")(x), expected, atol=0.02 * float(expected.abs().max()), rtol=0)
+    step = 0.02 * float(expected.abs().max())
+    torch.testing.assert_close(folded(x), expected, atol=step, rtol=0)
+    save(moved, tmp_path / "m.pt2")  # Inductor lowers the int8 pad; the artifact computes the same thing
+    torch.testing.assert_close(load(tmp_path / "m.pt2")(x), expected, atol=step, rtol=0)
 
 
 @pytest.mark.parametrize("value", [0.0, 0.5])
