@@ -219,9 +219,6 @@ def _check_worker(alloc: str, lib: str, r: dict[str, Any]) -> None:
         raise RuntimeError(
             f"a {alloc} worker's malloc is tuned by something else here: 64 MiB malloc/free probe {probe}"
         )
-    huge = r.get("huge_pages_kb")
-    if alloc == "thp" and thp_mode() in ("always", "madvise") and huge is not None and huge <= 0:
-        raise RuntimeError(f"a thp worker's 64 MiB tensor got no huge pages: {' '.join(THP_ENV)} did not apply")
 
 
 def measure(work: Path, lib: str, s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -281,7 +278,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"(in brackets), median of {s['rounds']} rounds in each of {s['processes']} fresh process(es) per allocator "
         f"(in alternating order). glibc tuned: `GLIBC_TUNABLES={TUNED_GLIBC}`; THP: glibc with PyTorch's "
         f"`{_thp_setting()}` (transparent huge pages for tensors of 2 MiB and more; the kernel's THP mode here: "
-        f"{results.get('thp_mode')}); `{lib}` is preloaded with "
+        f"{results.get('thp_mode')}; a fresh 64 MiB tensor got {_huge_pages(results)} of huge pages in the THP "
+        f"workers); `{lib}` is preloaded with "
         "`LD_PRELOAD`. The artifacts are the same files in every column. Speed-up: vs glibc. Ratio vs ONNX "
         "Runtime (same allocator): above 1, ours is faster. The allocators run in different processes, minutes "
         "apart: where ONNX Runtime's own speed-up is far from 1× the shared machine's speed drifted between them, "
@@ -310,13 +308,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         "jemalloc or tcmalloc are the usual alternatives, not measured here). With large activations (batch 32 at "
         "224×224) glibc instead returns each freed activation to the kernel and the next call faults it back in; "
         f"`GLIBC_TUNABLES={TUNED_GLIBC}` in the serving process's environment stops that without a new library "
-        "(the process keeps its peak memory, as it does with mimalloc); PyTorch's own "
-        f"`{_thp_setting()}` keeps glibc's behaviour but faults the memory in as 2 MiB huge pages, 512 times fewer "
-        "faults (where the kernel's THP mode is `madvise` or `always`).",
+        "(the process keeps its peak memory, as it does with mimalloc). PyTorch's own "
+        f"`{_thp_setting()}` leaves glibc as it is and has tensors of 2 MiB and more faulted in as huge pages: "
+        "compare its column before using it, since it also moves those tensors to 2 MiB-aligned allocations that "
+        "glibc maps and unmaps afresh, which can add faults where glibc had reused its heap.",
         "",
         f"Wall time {results['wall_s']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _huge_pages(results: dict[str, Any]) -> str:
+    kb = results.get("malloc", {}).get("thp", {}).get("huge_pages_kb")
+    return "?" if kb is None else f"{kb / 1024:.0f} MiB"
 
 
 def _thp_setting() -> str:

@@ -267,11 +267,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     path = _existing_file(args.artifact, "ARTIFACT")
     sidecar = export.read_sidecar(path)
-    if args.json:
-        print(json.dumps(sidecar, indent=2, sort_keys=True))
-        return 0
     sha_ok = export.sha256_file(path) == sidecar["sha256"]
-    print(_describe(path, sidecar, sha_ok=sha_ok))
+    print(json.dumps(sidecar, indent=2, sort_keys=True) if args.json else _describe(path, sidecar, sha_ok=sha_ok))
     if not sha_ok:  # what `load` refuses: a script checking the exit status must see it
         written_for = sidecar.get("file")
         other = f" (its sidecar was written for {written_for})" if written_for not in (None, path.name) else ""

@@ -325,8 +325,9 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
 
     ``x86`` writes an AOTInductor package (``.pt2``; oneDNN int8 kernels compiled once, here, for this CPU's ISA;
     loads with plain ``torch``). ``arm`` writes an ExecuTorch program lowered to XNNPACK (``.pte``). Next to it goes
-    ``<path>.json``: backend, versions, input spec, sha256 and ``metadata``. Both files are written atomically: an
-    error midway leaves any earlier artifact at ``path`` intact.
+    ``<path>.json``: backend, versions, input spec, sha256 and ``metadata``. Each file is written atomically, the
+    sidecar first: an error before the artifact's final rename leaves any earlier artifact at ``path`` in place (with
+    the new sidecar if only that rename failed: ``load`` then refuses the pair on its sha256 rather than run it).
 
     Returns:
         The sidecar dict.

@@ -247,6 +247,12 @@ class QATCallback(QuantResults, Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._bypass.stop()  # Lightning does not call `teardown` on an exception
+        # A resume that failed before `on_fit_start` (in `configure_optimizers`, say): the loaded graphs go back in
+        self._defer = False
+        for name, graph in self._pending.items():
+            with contextlib.suppress(Exception):  # never hide the exception being handled
+                install(pl_module, name, graph)
+        self._pending = {}
         # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
         # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
         if not self.targets:
@@ -483,6 +489,10 @@ class _SwapBeforeLoad:
                     f"The checkpoint holds a QAT graph for {name!r} but not the inputs it was captured from; it was "
                     "written by another version of lightning-quant. Start QAT again from the float weights."
                 )
+            unused = getattr(graph, "unused", None)
+            if unused is not None and not any(k.startswith(key + "unused.") for k in state_dict):
+                # written before the graphs kept what `forward` never uses: those tensors keep their current values
+                state_dict.update({f"{key}unused.{k}": v for k, v in unused.state_dict().items()})
 
 
 class _DeferAfterLoad:

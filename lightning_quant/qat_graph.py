@@ -133,6 +133,17 @@ def count_unobserved(gm: nn.Module) -> int:
     return n
 
 
+def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) -> None:
+    """Name a BatchNorm with ``momentum=None`` as the reason a training-mode capture failed."""
+    for layer_name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None:
+            raise QuantizationError(
+                f"QAT cannot capture {name!r}: its BatchNorm {layer_name or name!r} has momentum=None (a cumulative "
+                "average over all batches so far, which torch.export cannot trace in training). Give it a momentum "
+                "(e.g. `momentum=0.1`, PyTorch's default), or leave this submodule out of `modules=`."
+            ) from err
+
+
 class QATGraph(nn.Module):
     """The fake-quant stand-in for one float submodule (see the module docstring).
 
@@ -231,13 +242,6 @@ class QATGraph(nn.Module):
         ``device``: where to trace the tensors of ``(args, kwargs)`` (default: where they are).
         """
         module = self.float_module
-        for layer_name, layer in module.named_modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is None:
-                raise QuantizationError(
-                    f"QAT cannot capture {self.name!r}: its BatchNorm {layer_name or self.name!r} has momentum=None (a "
-                    "cumulative average over all batches so far, which torch.export cannot trace in training). Give it "
-                    "a momentum (e.g. `momentum=0.1`, PyTorch's default), or leave this submodule out of `modules=`."
-                )
         modes = {m: m.training for m in module.modules()}  # module.train() sets them all: restored after
         module.train()
         try:
@@ -245,7 +249,11 @@ class QATGraph(nn.Module):
             self._normalize = CallNormalizer(module, args, kwargs)
             shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
             live = detach_inputs(args, kwargs, device=device)
-            ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
+            try:
+                ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
+            except QuantizationError as err:
+                _refuse_cumulative_batch_norm(module, self.name, err)
+                raise
         finally:
             for m, mode in modes.items():
                 m.training = mode

@@ -233,8 +233,10 @@ def test_inspect_flags_a_changed_file_and_prints_raw_json(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 1  # what `load` refuses: the exit status says so
     out, err = capsys.readouterr()
     assert "DOES NOT match the file" in out and "does not match the sha256" in err
-    assert main(["inspect", str(path), "--json"]) == 0
+    assert main(["inspect", str(path), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["backend"] == "x86"
+    path = _fake_artifact(tmp_path)
+    assert main(["inspect", str(path), "--json"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------- ptq + bench

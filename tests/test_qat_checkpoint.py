@@ -193,6 +193,46 @@ def test_resume_with_parameter_groups_by_structure_and_unused_parameters(tmp_pat
     )
 
 
+class _FailsOnce(_GroupsAndUnusedBranch):
+    fail = True
+
+    def configure_optimizers(self):
+        if _FailsOnce.fail:
+            _FailsOnce.fail = False
+            raise RuntimeError("boom in configure_optimizers")
+        return super().configure_optimizers()
+
+
+def test_resume_failing_before_fit_start_puts_the_loaded_graphs_back(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    _fit(_GroupsAndUnusedBranch(), [QATCallback(export=False), ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    path = str(tmp_path / "ckpt" / "epoch=0.ckpt")
+    model, qat = _FailsOnce(), QATCallback(export=False)
+    with pytest.raises(RuntimeError, match="boom in configure_optimizers"):
+        _fit(model, [qat], tmp_path, max_epochs=2, ckpt_path=path)
+    assert isinstance(model.model, QATGraph) and model.model.captured and not qat._defer
+    _fit(model, [QATCallback(export=False)], tmp_path, max_epochs=2, ckpt_path=path)  # the retry resumes
+    assert isinstance(model.model, QATGraph) and model.model.captured
+
+
+def test_qat_checkpoint_without_the_unused_tensors_still_loads(tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    trained = _GroupsAndUnusedBranch()
+    _fit(trained, [QATCallback(export=False), ckpt], tmp_path, max_epochs=1, enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    saved = torch.load(path, weights_only=False)
+    saved["state_dict"] = {k: v for k, v in saved["state_dict"].items() if ".unused." not in k}  # as written before
+    torch.save(saved, path)
+    model = load_qat_checkpoint(_GroupsAndUnusedBranch, str(path))
+    x = _loaders()[1].dataset.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().model(x), trained.eval().model(x), atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_resume_with_another_weight_granularity_is_refused(checkpoints):
     tmp, _, _ = checkpoints
