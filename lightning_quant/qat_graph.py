@@ -133,6 +133,20 @@ def count_unobserved(gm: nn.Module) -> int:
     return n
 
 
+def _affine_batch_norms(shell: nn.Module) -> None:
+    """Give each ``affine=False`` BatchNorm of the capture shell a fixed scale of 1 and shift of 0 (same outputs).
+
+    torchao's QAT Conv+BN pattern divides the BatchNorm weight by the running std, and ``None`` crashes it at the first
+    call. Constant buffers, not Parameters: nothing new trains, and the user's module is untouched.
+    """
+    for layer in shell.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is None and layer.num_features:
+            ref = layer.running_mean if layer.running_mean is not None else torch.empty(0)
+            del layer.weight, layer.bias  # registered as None Parameters
+            layer.register_buffer("weight", torch.ones(layer.num_features, dtype=ref.dtype, device=ref.device))
+            layer.register_buffer("bias", torch.zeros(layer.num_features, dtype=ref.dtype, device=ref.device))
+
+
 def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) -> None:
     """Name a BatchNorm with ``momentum=None`` as the reason a training-mode capture failed."""
     for layer_name, layer in module.named_modules():
@@ -248,6 +262,7 @@ class QATGraph(nn.Module):
             self.example_inputs = detach_inputs(args, kwargs)  # CPU copies, for checkpoints and the int8 export
             self._normalize = CallNormalizer(module, args, kwargs)
             shell = capturable(module, self.config.backend)  # shares the Parameters: the optimizer keeps working
+            _affine_batch_norms(shell)
             live = detach_inputs(args, kwargs, device=device)
             try:
                 ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)

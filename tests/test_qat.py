@@ -384,6 +384,24 @@ def test_batchnorm_with_a_cumulative_average_is_refused_by_name():
         graph(torch.randn(4, 1, 6, 6))
 
 
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_batchnorm_without_affine_parameters_trains_and_converts(backend):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 4)
+    )
+    params = list(net.parameters())
+    graph = QATGraph(net, "model", QuantConfig(backend=backend)).train()
+    x = _data(32, seed=1).tensors[0]
+    _sgd_steps(graph, x, lr=0.05)  # crashed at the first call: torchao's Conv+BN pattern divides None
+    assert list(graph.parameters()) == params and net[1].weight is None  # the user's module is untouched
+    graph.eval()
+    with torch.no_grad():
+        fake = graph(x)
+        step = float(fake.max() - fake.min()) / 255
+        assert (graph.convert()(x) - fake).abs().max() <= 2 * step + 1e-5
+
+
 class _FrozenBN(DropoutNet):
     """Fine-tuning with BatchNorm kept in eval mode, and dropout off, inside the training submodule."""
 
