@@ -231,13 +231,16 @@ class QATCallback(QuantResults, Callback):
                 install(pl_module, name, graph)
         return self.graphs(pl_module)
 
+    def _install_pending(self, pl_module: pl.LightningModule) -> None:
+        """Put back the graphs a resume set aside while ``fit`` set up (see ``_DeferAfterLoad``); stop deferring."""
+        pending, self._pending, self._defer = self._pending, {}, False
+        for name, graph in pending.items():
+            install(pl_module, name, graph.to(_device_of(graph.float_module)))
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_optimizers`, which saw the float modules as in the run that wrote the checkpoint
-        self._defer = False
-        for name, graph in self._pending.items():
-            install(pl_module, name, graph.to(_device_of(graph.float_module)))
-        self._pending = {}
+        self._install_pending(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -248,11 +251,8 @@ class QATCallback(QuantResults, Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._bypass.stop()  # Lightning does not call `teardown` on an exception
         # A resume that failed before `on_fit_start` (in `configure_optimizers`, say): the loaded graphs go back in
-        self._defer = False
-        for name, graph in self._pending.items():
-            with contextlib.suppress(Exception):  # never hide the exception being handled
-                install(pl_module, name, graph)
-        self._pending = {}
+        with contextlib.suppress(Exception):  # never hide the exception being handled
+            self._install_pending(pl_module)
         # A stand-in that never captured (capture failed, or fit stopped before its first batch) holds nothing
         # trained: give the float submodule back, so that the model and its state_dict keys are as they were.
         if not self.targets:
