@@ -69,6 +69,29 @@ def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
     return functools.reduce(lambda obj, name: getattr(obj, name, None), target.split("."), gm)
 
 
+def _replaceable_int8_weight(gm: torch.fx.GraphModule, w_dq: Any) -> tuple[torch.fx.Node, torch.Tensor] | None:
+    """``(get_attr node, int8 weight)`` behind a weight's ``dequantize_per_channel`` node, if a rewrite may grow it.
+
+    That is: a constant used by this node only, with zero points all 0 (symmetric), so int8 0 stands for 0.0.
+    """
+    if getattr(w_dq, "target", None) != torch.ops.quantized_decomposed.dequantize_per_channel.default:
+        return None
+    w_attr, w_zp = w_dq.args[0], w_dq.args[2]
+    if getattr(w_attr, "op", None) != "get_attr" or len(w_attr.users) != 1:
+        return None
+    weight = _get_attr(gm, w_attr.target)
+    zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
+    if not isinstance(weight, torch.Tensor) or zero_points is None or bool(zero_points.any()):
+        return None
+    return w_attr, weight
+
+
+def _replace_weight(gm: torch.fx.GraphModule, w_attr: torch.fx.Node, weight: torch.Tensor, suffix: str) -> None:
+    name = f"{w_attr.target}_{suffix}"
+    gm.register_buffer(name, weight)
+    w_attr.target = name
+
+
 #: convolutions :func:`pad_single_channel_qconvs` rewrites -> the dimensions of their weight
 _CONVS = {
     torch.ops.aten.conv1d.default: 3,
@@ -96,22 +119,16 @@ def pad_single_channel_qconvs(gm: torch.fx.GraphModule) -> int:
             continue
         x_dq, w_dq = conv.args[0], conv.args[1]
         groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
-        if groups != 1 or getattr(w_dq, "target", None) != qd.dequantize_per_channel.default:
+        if groups != 1 or getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
             continue
-        if getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
+        x_q = x_dq.args[0]
+        found = _replaceable_int8_weight(gm, w_dq)
+        if getattr(x_q, "target", None) != qd.quantize_per_tensor.default or found is None:
             continue
-        x_q, w_attr, w_zp = x_dq.args[0], w_dq.args[0], w_dq.args[2]
-        if getattr(x_q, "target", None) != qd.quantize_per_tensor.default or w_attr.op != "get_attr":
+        w_attr, weight = found
+        if weight.ndim != _CONVS[conv.target] or weight.shape[1] != 1:
             continue
-        weight = _get_attr(gm, w_attr.target)
-        zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
-        if not isinstance(weight, torch.Tensor) or weight.ndim != _CONVS[conv.target] or weight.shape[1] != 1:
-            continue
-        if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:
-            continue
-        name = f"{w_attr.target}_padded"
-        gm.register_buffer(name, torch.cat([weight, torch.zeros_like(weight)], dim=1))
-        w_attr.target = name
+        _replace_weight(gm, w_attr, torch.cat([weight, torch.zeros_like(weight)], dim=1), "padded")
         with graph.inserting_before(x_q):
             pad = [0, 0] * (weight.ndim - 2) + [0, 1]  # no spatial padding; one zero channel after the input's
             padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (x_q.args[0], pad, 0.0))
@@ -152,23 +169,16 @@ def fold_pads_into_depthwise_qconvs(gm: torch.fx.GraphModule) -> int:
         pad_dq = pad.args[0]
         if pad_dq.target != qd.dequantize_per_tensor.default or tuple(pad_dq.args[1:6]) != tuple(x_q.args[1:6]):
             continue  # not the same quantization on both sides of the pad
-        if getattr(w_dq, "target", None) != qd.dequantize_per_channel.default or w_dq.args[0].op != "get_attr":
-            continue
-        w_attr, w_zp = w_dq.args[0], w_dq.args[2]
-        weight = _get_attr(gm, w_attr.target)
-        zero_points = _get_attr(gm, w_zp.target) if getattr(w_zp, "op", None) == "get_attr" else None
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or weight.shape[1] != 1 or groups == 1:
+        found = _replaceable_int8_weight(gm, w_dq)
+        if found is None or found[1].ndim != 4 or found[1].shape[1] != 1 or groups == 1:
             continue  # depthwise only
-        if zero_points is None or bool(zero_points.any()) or len(w_attr.users) != 1:
-            continue
+        w_attr, weight = found
         left, right, top, bottom = pad.args[1]
         before = [top + padding[0], left + padding[1]]
         after = [bottom + padding[0], right + padding[1]]
         sym = [max(b, a) for b, a in zip(before, after)]
         grow = [sym[1] - before[1], sym[1] - after[1], sym[0] - before[0], sym[0] - after[0]]
-        name = f"{w_attr.target}_grown"
-        gm.register_buffer(name, torch.nn.functional.pad(weight, grow))  # int8 zeros
-        w_attr.target = name
+        _replace_weight(gm, w_attr, torch.nn.functional.pad(weight, grow), "grown")  # int8 zero taps
         conv.args = (pad_dq, w_dq, bias, list(stride), sym, [1, 1], groups)
         fixed += 1
     if fixed:
