@@ -450,10 +450,12 @@ class _SwapBeforeLoad:
         trained = {
             k[len(prefix) : -len("._extra_state")]: v
             for k, v in state_dict.items()
-            if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and "example_spec" in v
+            if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and v.get("example_spec")
         }
         alone = len(getattr(module, "_lightning_quant_hooks", {})) <= 1  # other QAT callbacks train other submodules
-        if trained and (set(trained) != set(expected) if alone else any(_overlap(t, set(expected)) for t in trained)):
+        # a target absent from the checkpoint had not been called yet (it holds float weights): it starts QAT now
+        mismatch = not set(trained) <= set(expected) if alone else any(_overlap(t, set(expected)) for t in trained)
+        if trained and mismatch:
             shown = sorted(SELF if k == ROUTE_ATTR else k for k in trained)
             raise ValueError(
                 f"The checkpoint was trained with QAT on {shown}, but this QATCallback quantizes "
@@ -471,6 +473,7 @@ class _SwapBeforeLoad:
         for name in self.callback.targets:
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):
+                _float_names(state_dict, key)
                 # a float checkpoint (saved before QAT started, e.g. `test(ckpt_path="best")` after fit): if a
                 # fake-quant graph stands in now, give the float module back, and the float weights load into it
                 current = installed(module, name)
@@ -515,6 +518,15 @@ class _DeferAfterLoad:
             if isinstance(graph, QATGraph) and graph.captured:
                 uninstall(module, name, graph.float_module)
                 self.callback._pending[name] = graph
+
+
+def _float_names(state_dict: dict[str, Any], key: str) -> None:
+    """Rename a never-captured graph's float state, as earlier checkpoints kept it, to the float module's names."""
+    extra = state_dict.get(key + "_extra_state")
+    if isinstance(extra, dict) and "example_spec" in extra and not extra["example_spec"]:
+        del state_dict[key + "_extra_state"]
+        for k in [k for k in state_dict if k.startswith(key + "source.")]:
+            state_dict[key + k[len(key + "source.") :]] = state_dict.pop(k)
 
 
 def _states_from_graphs(state_dict: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _fast_qat, _torchao
 from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu, retarget_devices
@@ -158,6 +158,31 @@ def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) 
             ) from err
 
 
+def _float_state_until_captured(graph: QATGraph, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` post-hook: a graph not captured yet saves exactly its float module's state.
+
+    A checkpoint written while a target had not been called yet (a submodule ``training_step`` never reached) then
+    loads back into the float model, for a resume as for plain ``load_state_dict``.
+    """
+    if graph.gm is not None:
+        return
+    state_dict.pop(prefix + "_extra_state", None)
+    source = prefix + "source."
+    for key in [k for k in state_dict if k.startswith(source)]:
+        state_dict[prefix + key[len(source) :]] = state_dict.pop(key)
+
+
+def _float_state_into_source(graph: QATGraph, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook, the inverse of :func:`_float_state_until_captured` for a graph not captured."""
+    if graph.gm is not None:
+        return
+    state_dict.setdefault(prefix + "_extra_state", graph.get_extra_state())
+    if "source" in graph._modules:
+        for key in graph.source.state_dict(keep_vars=True):
+            if prefix + key in state_dict and prefix + "source." + key not in state_dict:
+                state_dict[prefix + "source." + key] = state_dict.pop(prefix + key)
+
+
 class QATGraph(nn.Module):
     """The fake-quant stand-in for one float submodule (see the module docstring).
 
@@ -189,6 +214,10 @@ class QATGraph(nn.Module):
         self._shared_buffers: dict[str, str] = {}  # float module buffer name -> the graph's buffer of the same tensor
         self._unused_buffers: list[tuple[nn.Module, str, nn.Module]] = []  # (float owner, name, holder in `unused`)
         self.training_calls = 0  # train-mode calls: the callback checks that training goes through the graph
+        self._example_from_checkpoint = False  # the checkpoint keeps 2 samples: the next training batch replaces them
+        # until captured, checkpoints hold the float module's state under its own names (see the hooks)
+        self.register_state_dict_post_hook(_float_state_until_captured)
+        self.register_load_state_dict_pre_hook(_float_state_into_source)
 
     @property
     def float_module(self) -> nn.Module:
@@ -382,7 +411,19 @@ class QATGraph(nn.Module):
             # checkpoints load on the CPU; trace where the Parameters are now (moved later, the graph follows them)
             self.capture(*example, device=next((p.device for p in self.float_module.parameters()), None))
             self.set_extra_state(state_dict[prefix + "_extra_state"])
+            self._example_from_checkpoint = True
         return True
+
+    def _refresh_example(self, args: tuple, kwargs: dict) -> None:
+        """Export from a full training batch again, not from the 2 samples a checkpoint keeps.
+
+        After a resume the int8 export (its latency line, the artifact's parity checks) would otherwise run on those 2
+        samples. ``(args, kwargs)`` are normalized to the capture's call, so they have its structure.
+        """
+        self._example_from_checkpoint = False
+        self.example_inputs = tree_map(
+            lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, (args, kwargs)
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.gm is None:
@@ -391,6 +432,8 @@ class QATGraph(nn.Module):
         args, kwargs = self._normalize(args, kwargs)
         if self.training:
             self.training_calls += 1
+            if self._example_from_checkpoint:
+                self._refresh_example(args, kwargs)
             return self.gm(*args, **kwargs)
         # The captured training graph counts BatchNorm's batches whatever its mode; a float BatchNorm in eval mode
         # does not (validation, and the sanity check on resume, would move the count).

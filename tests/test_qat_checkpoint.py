@@ -14,6 +14,7 @@ from test_qat import DropoutNet
 from torch import nn
 
 from lightning_quant import PTQCallback, QATCallback, QATGraph
+from lightning_quant.quantize import META_KEY
 
 
 class _Record(Callback):
@@ -68,6 +69,10 @@ def test_resume_mid_qat_restores_phase_optimizer_and_schedule(checkpoints):
     assert model.model.bn_frozen and model.model.observers_frozen
     assert qat.state_dict()["phase"] == "qat"
     assert qat.report.artifacts["model"].is_file()
+    # exported from a training batch of the resumed run, not from the 2 samples the checkpoint keeps
+    assert qat.report.batch_size["model"] == 32
+    (x,), _ = qat.quantized_modules["model"].meta[META_KEY]["example_inputs"]
+    assert x.shape[0] == 32 and x.device.type == "cpu"
 
 
 @pytest.mark.slow
@@ -234,6 +239,56 @@ def test_qat_checkpoint_without_the_unused_tensors_still_loads(tmp_path):
 
 
 @pytest.mark.slow
+class _AuxNeverCalled(BackboneHead):
+    """``self.aux`` is a QAT target that ``training_step`` never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("layout", ["current", "earlier"])
+def test_checkpoint_with_a_target_never_called_resumes(layout, tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    trained = _AuxNeverCalled()
+    with pytest.warns(UserWarning, match="'aux' was not called"):
+        _fit(
+            trained,
+            [QATCallback(modules=["backbone", "aux"], export=False), ckpt],
+            tmp_path,
+            max_epochs=1,
+            enable_checkpointing=True,
+        )
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    saved = torch.load(path, weights_only=False)
+    aux = {k for k in saved["state_dict"] if k.startswith("aux.")}
+    assert aux == {"aux.weight", "aux.bias"}  # the float module's own names: it loads into the float model
+    torch.testing.assert_close(saved["state_dict"]["aux.weight"], trained.aux.float_module.weight)
+    if layout == "earlier":  # as written before: under the graph's `source`, with the graph's state
+        sd = saved["state_dict"]
+        sd["aux.source.weight"], sd["aux.source.bias"] = sd.pop("aux.weight"), sd.pop("aux.bias")
+        sd["aux._extra_state"] = {**sd["backbone._extra_state"], "example_spec": None, "example_constants": {}}
+        torch.save(saved, path)
+    model, qat = _AuxNeverCalled(), QATCallback(modules=["backbone", "aux"], export=False)
+    with pytest.warns(UserWarning, match="'aux' was not called"):
+        _fit(model, [qat], tmp_path, max_epochs=2, ckpt_path=str(path))
+    assert isinstance(model.backbone, QATGraph) and model.backbone.captured
+    torch.testing.assert_close(model.aux.float_module.weight, trained.aux.float_module.weight, atol=0, rtol=0)
+
+
+def test_state_of_a_graph_not_captured_round_trips_under_the_float_names():
+    from lightning_quant.config import QuantConfig
+
+    float_module = nn.Linear(3, 2)
+    graph = QATGraph(float_module, "head", QuantConfig())
+    state = graph.state_dict()
+    assert set(state) == {"weight", "bias"}
+    other = QATGraph(nn.Linear(3, 2), "head", QuantConfig())
+    assert not other.load_state_dict(state).missing_keys
+    torch.testing.assert_close(other.float_module.weight, float_module.weight, atol=0, rtol=0)
+
+
 def test_resume_with_another_weight_granularity_is_refused(checkpoints):
     tmp, _, _ = checkpoints
     qat = QATCallback(start_epoch=1, weight_granularity="per_tensor", dirpath=str(tmp / "q3"))
