@@ -25,6 +25,19 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
         )
 
 
+def check_precision(trainer: pl.Trainer, who: str) -> None:
+    """Refuse a "*-true" precision other than float32: it converts the model's weights (and batches) to that dtype."""
+    precision = str(trainer.precision)
+    if precision.endswith("-true") and precision != "32-true":
+        dtype = {"64-true": "float64", "16-true": "float16", "bf16-true": "bfloat16"}.get(precision, precision)
+        raise ValueError(
+            f"{who} does not support the Trainer's precision={precision!r}: it converts the model's weights to "
+            f"{dtype}, and int8 quantization (PT2E) starts from float32 weights. Train "
+            "with precision='32-true' or 'bf16-mixed' (autocast; the weights stay float32), or quantize the "
+            "checkpoint afterwards with `lightning-quant ptq`."
+        )
+
+
 def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
     out = []
     for x in a:

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao
-from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
+from lightning_quant._guards import check_precision, check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._loop import (
     all_loaders,
     batches_for,
@@ -103,6 +103,7 @@ class PTQCallback(QuantResults, Callback):
             return
         # Fail before training, not after hours of it.
         check_strategy(trainer, "PTQCallback")
+        check_precision(trainer, "PTQCallback")
         resolve_targets(pl_module, self.config.modules)
         check_siblings(self, trainer, pl_module)
         resolve_dirpath(self.dirpath, trainer)

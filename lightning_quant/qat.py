@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_quant import _torchao
-from lightning_quant._guards import check_siblings, check_strategy, resolve_dirpath
+from lightning_quant._guards import check_precision, check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
 from lightning_quant.capture import QUANTIZABLE, ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
@@ -177,6 +177,7 @@ class QATCallback(QuantResults, Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QATCallback")
+        check_precision(trainer, "QATCallback")
         if stage != "fit":
             try:
                 resolve_targets(pl_module, self.config.modules)

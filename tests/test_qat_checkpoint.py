@@ -408,6 +408,16 @@ def test_unsupported_strategy_is_refused_at_setup(cls, tmp_path):
         cls(dirpath=str(tmp_path)).setup(trainer, DropoutNet(), "fit")
 
 
+@pytest.mark.parametrize("cls", [QATCallback, PTQCallback])
+@pytest.mark.parametrize(("precision", "dtype"), [("64-true", "float64"), ("bf16-true", "bfloat16")])
+def test_a_precision_that_converts_the_weights_is_refused_before_training(cls, precision, dtype, tmp_path):
+    model = DropoutNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"precision='{precision}'.* to {dtype}.*'32-true' or 'bf16-mixed'"):
+        _fit(model, [cls(dirpath=str(tmp_path))], tmp_path, max_epochs=1, precision=precision)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # not trained, not swapped
+
+
 @pytest.mark.slow
 def test_load_qat_checkpoint_one_liner(checkpoints):
     from lightning_quant import load_qat_checkpoint
