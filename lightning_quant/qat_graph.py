@@ -425,6 +425,7 @@ class QATGraph(nn.Module):
             lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, (args, kwargs)
         )
 
+    @torch.compiler.disable  # runs eagerly inside a compiled LightningModule (`trainer.fit(torch.compile(model))`)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.gm is None:
             self.capture(args, kwargs)

@@ -269,6 +269,7 @@ class CalibrationGraph(nn.Module):
         self.training = mode
         return self
 
+    @torch.compiler.disable  # runs eagerly inside a compiled LightningModule (`trainer.fit(torch.compile(model))`)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         batch = batch_size_of((args, kwargs))
         if self.prepared is not None and batch is not None and batch > self.config.max_batch_size:  # 1st: at capture

@@ -182,6 +182,25 @@ def test_metrics_and_artifact_after_fit(qat_run):
     _fit(model, [], qat_run[4], max_epochs=1)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [QATCallback, PTQCallback])
+def test_callbacks_on_a_compiled_lightning_module(cls, tmp_path):
+    """``trainer.fit(torch.compile(model))``: the stand-ins run eagerly inside the compiled ``forward``.
+
+    Dynamo traced into them before (capture, torchao's import) and failed."""
+    pl.seed_everything(0)
+    model = FlatLayout()  # QAT and PTQ stand in for `forward` itself ("self")
+    callback = QATCallback(start_epoch=0, export=False) if cls is QATCallback else PTQCallback(dirpath=str(tmp_path))
+    _fit(torch.compile(model), [callback], tmp_path, max_epochs=1)
+    assert model._compiler_ctx is not None  # Lightning compiled its forward
+    if cls is QATCallback:
+        assert model._lightning_quant_forward.captured
+        assert model._lightning_quant_forward.training_calls > 0
+    else:
+        assert callback.report.metrics_int8["val_acc"] >= callback.report.metrics_fp32["val_acc"] - 0.05
+        assert callback.report.artifacts["self"].is_file()
+
+
 @pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
 def test_qat_under_bf16_mixed_precision_trains_in_bf16_and_exports_float32(backend, tmp_path):
     """The capture runs inside Lightning's autocast; the int8 graph must not inherit its bf16 tensor types."""
