@@ -11,6 +11,8 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
+# one after another on one pytest-xdist worker: each run takes 2 processes and a free port
+pytestmark = pytest.mark.xdist_group("ddp")
 
 
 def _artifact_names() -> list[str]:
