@@ -1,8 +1,11 @@
 """Running the user's own ``validation_step`` over some batches, with other submodules swapped in.
 
-Calibration and int8 evaluation both go through a short-lived inner ``Trainer`` (CPU, one device, no logger, no
-checkpointing), so that the user's step code, torchmetrics metrics and Lightning's progress bar all work as usual,
-while the outer Trainer's state, loggers and callbacks are left alone.
+Calibration and int8 evaluation both go through a short-lived inner ``Trainer`` (CPU, one device, no checkpointing),
+so that the user's step code, torchmetrics metrics and Lightning's progress bar all work as usual, while the outer
+Trainer's state, loggers and callbacks are left alone. What the step may reach for is there: ``self.logger`` is a
+logger that records nothing (when the outer Trainer has one), ``self.trainer.datamodule`` the outer one. The
+LightningModule's and datamodule's ``setup``/``teardown`` are not called again: they ran for the outer Trainer, and a
+``setup`` that builds layers would replace the trained ones.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -106,6 +110,30 @@ def _quiet_inner_trainer() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _skip(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _without_setup_and_teardown(*owners: Any) -> Iterator[None]:
+    """Make ``setup``/``teardown`` of each owner (LightningModule, datamodule) a no-op for the inner Trainer."""
+    saved = []
+    for owner in owners:
+        if owner is None:
+            continue
+        for name in ("setup", "teardown"):
+            saved.append((owner, name, owner.__dict__.get(name)))
+            setattr(owner, name, _skip)
+    try:
+        yield
+    finally:
+        for owner, name, before in reversed(saved):
+            if before is None:
+                owner.__dict__.pop(name, None)
+            else:
+                setattr(owner, name, before)
+
+
 @contextlib.contextmanager
 def _local_metrics(pl_module: nn.Module) -> Iterator[None]:
     """Keep torchmetrics from syncing across processes: in DDP only rank 0 runs these inner loops."""
@@ -147,7 +175,7 @@ def _run_validation(
     inner = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        logger=False,
+        logger=DummyLogger() if outer.loggers else False,  # `self.logger.experiment...` in the step records nothing
         enable_checkpointing=False,
         enable_model_summary=False,
         callbacks=(bar := _progress_bar(outer)),
@@ -157,10 +185,12 @@ def _run_validation(
         inference_mode=False,  # observers write to their buffers in place
         default_root_dir=outer.default_root_dir,
     )
+    datamodule = outer.datamodule
+    inner.datamodule = datamodule  # `self.trainer.datamodule` in the step (its hooks and loaders are not used)
     device = pl_module.device
     was_training = pl_module.training
     try:
-        with swapped(pl_module, replacements or {}):
+        with swapped(pl_module, replacements or {}), _without_setup_and_teardown(pl_module, datamodule):
             results = inner.validate(pl_module, dataloaders=loader, verbose=False)
     finally:
         pl_module.trainer = outer

@@ -104,8 +104,6 @@ class PTQCallback(QuantResults, Callback):
         # Fail before training, not after hours of it.
         check_strategy(trainer, "PTQCallback")
         check_precision(trainer, "PTQCallback")
-        resolve_targets(pl_module, self.config.modules)
-        check_siblings(self, trainer, pl_module)
         resolve_dirpath(self.dirpath, trainer)
         if not has_validation_step(pl_module):
             raise ValueError(
@@ -113,6 +111,12 @@ class PTQCallback(QuantResults, Callback):
                 "batches, but it defines none. Define `validation_step`, or quantize with "
                 "`lightning_quant.quantize_ptq(...)`."
             )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not at `setup`: the LightningModule's `setup` and `configure_model` run after it and may build layers
+        resolve_targets(pl_module, self.config.modules)
+        check_siblings(self, trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

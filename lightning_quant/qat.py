@@ -164,7 +164,6 @@ class QATCallback(QuantResults, Callback):
         ``load_state_dict`` or ``load_from_checkpoint`` outside a Trainer, e.g.
         ``model = MyModel(**ckpt["hyper_parameters"]); qat.attach(model); model.load_state_dict(ckpt["state_dict"])``.
         """
-        self._resolve(pl_module)
         hooks = getattr(pl_module, "_lightning_quant_hooks", None)
         if hooks is None:
             hooks = pl_module._lightning_quant_hooks = {}
@@ -189,8 +188,10 @@ class QATCallback(QuantResults, Callback):
                     f"cannot be loaded into this model: {err}"
                 )
                 return
-        self._resolve(pl_module)
-        check_siblings(self, trainer, pl_module)
+            self._resolve(pl_module)
+            check_siblings(self, trainer, pl_module)
+        # for `fit`, the targets are resolved at `on_fit_start` (or when a checkpoint loads): the LightningModule's
+        # `setup` and `configure_model`, which run after this, may build the layers
         if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):
             raise QuantizationError(
                 "With a spawning strategy (e.g. strategy='ddp_spawn'), the launching process loads what the workers "
@@ -242,6 +243,8 @@ class QATCallback(QuantResults, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_optimizers`, which saw the float modules as in the run that wrote the checkpoint
         self._install_pending(pl_module)
+        self._resolve(pl_module)
+        check_siblings(self, trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -447,7 +450,7 @@ class _SwapBeforeLoad:
 
     def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Lightning loads the model before the callbacks' own state: compare QAT settings here, from the graphs' state
-        expected = {ROUTE_ATTR if n == SELF else n: n for n in self.callback.targets}
+        expected = {ROUTE_ATTR if n == SELF else n: n for n in self.callback._resolve(module)}
         trained = {
             k[len(prefix) : -len("._extra_state")]: v
             for k, v in state_dict.items()
@@ -471,7 +474,7 @@ class _SwapBeforeLoad:
                     f"The checkpoint was trained with QAT for backend {backend!r}, but `backend` is now "
                     f"{self.callback.config.backend!r}. Resume with the same backend (the fake-quant graphs differ)."
                 )
-        for name in self.callback.targets:
+        for name in self.callback._resolve(module):
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):
                 _float_names(state_dict, key)
@@ -514,7 +517,7 @@ class _DeferAfterLoad:
     def __call__(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
         if not self.callback._defer:
             return
-        for name in self.callback.targets:
+        for name in self.callback._resolve(module):
             graph = installed(module, name)
             if isinstance(graph, QATGraph) and graph.captured:
                 uninstall(module, name, graph.float_module)

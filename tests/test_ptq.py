@@ -223,6 +223,97 @@ class _CountsValBatches(AttrLayout):
         return super().validation_step(batch, batch_idx)
 
 
+class _Quadrants(pl.LightningDataModule):
+    num_classes = 4
+
+    def train_dataloader(self):
+        return _loaders()[0]
+
+    def val_dataloader(self):
+        return _loaders()[1]
+
+
+class _SetupBuiltHead(_Base):
+    """Builds its head in ``setup`` (Lightning's docstring pattern, not idempotent) and reaches for ``self.logger`` and
+    ``self.trainer.datamodule`` in ``validation_step``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        self.setup_calls: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        self.setup_calls.append(getattr(stage, "value", stage))
+        self.head = nn.Linear(8 * 6 * 6, self.trainer.datamodule.num_classes)
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def validation_step(self, batch, batch_idx):
+        assert self.trainer.datamodule.num_classes == 4
+        self.logger.log_metrics({"seen": float(batch_idx)})  # e.g. `self.logger.experiment.add_image(...)`
+        super().validation_step(batch, batch_idx)
+
+
+class _BuiltInConfigureModel(_Base):
+    """All layers built in ``configure_model`` (Lightning's hook for it; idempotent, as Lightning asks)."""
+
+    def configure_model(self) -> None:
+        if getattr(self, "model", None) is None:
+            self.model = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modules", [None, ["model"]])
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+def test_layers_built_in_configure_model(method, modules, tmp_path):
+    from lightning_quant import QATCallback
+
+    pl.seed_everything(0)
+    model = _BuiltInConfigureModel()
+    if method == "ptq":
+        callback = PTQCallback(modules=modules, dirpath=str(tmp_path), num_calibration_samples=64, evaluate=False)
+    else:
+        callback = QATCallback(modules=modules, start_epoch=0, export=False)
+    _fit(model, [callback], tmp_path, max_epochs=1)
+    if method == "ptq":
+        assert set(callback.quantized_modules) == {"model"}
+    else:
+        assert model.model.captured and model.model.training_calls > 0
+
+
+@pytest.mark.slow
+def test_validation_step_using_logger_and_datamodule_with_layers_built_in_setup(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0)
+    model, ptq = _SetupBuiltHead(), PTQCallback(dirpath=str(tmp_path / "q"), num_calibration_samples=64)
+
+    class KeepHead(Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.head = pl_module.head
+
+    keep = KeepHead()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ptq, keep],
+    )
+    trainer.fit(model, datamodule=_Quadrants())
+    assert model.setup_calls == ["fit"]  # calibration and the evaluations did not run `setup` again
+    assert model.head is keep.head  # the trained head, not a new one
+    # the fp32 evaluation ran the trained model: the same accuracy as the last epoch's validation
+    assert ptq.report.metrics_fp32["val_acc"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+    assert set(ptq.report.artifacts) == {"backbone", "head"}  # layers built in `setup` are found at fit start
+    assert all(path.is_file() for path in ptq.report.artifacts.values())
+
+
 @pytest.mark.slow
 @needs_executorch
 def test_int8_evaluation_keeps_to_limit_val_batches(tmp_path):
