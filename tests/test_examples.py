@@ -149,6 +149,19 @@ def test_cli_overlays_configure_the_callbacks(capsys, monkeypatch, overlay, name
     assert f"class_path: lightning_quant.{name}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("overlay", "name"), [("qat.yaml", "QATCallback"), ("ptq.yaml", "PTQCallback")])
+def test_cli_overlays_list_every_argument_at_its_default(overlay, name):
+    import inspect
+
+    import yaml
+
+    import lightning_quant
+
+    (entry,) = yaml.safe_load((EXAMPLES / "cli" / overlay).read_text())["trainer"]["callbacks+"]
+    params = inspect.signature(getattr(lightning_quant, name)).parameters
+    assert entry["init_args"] == {k: p.default for k, p in params.items()}
+
+
 # ---------------------------------------------------------------------------------------------- scripts
 
 
