@@ -593,8 +593,8 @@ class QuantizedArtifact(nn.Module):
         hint = ", ".join(f"{k}={constants[k]}" if k in constants else k for k in missing)
         raise TypeError(
             f"{self.path.name} was exported with the keyword arguments {self._kwarg_names} and needs them all, but "
-            f"{missing} {'is' if len(missing) == 1 else 'are'} missing: pass {hint} (a non-tensor argument is baked "
-            "into the artifact with the value it had at capture, not its default)."
+            f"{missing} {'is' if len(missing) == 1 else 'are'} missing: pass {hint} by keyword (a non-tensor "
+            "argument is baked into the artifact with the value it had at capture, not its default)."
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -611,7 +611,7 @@ class QuantizedArtifact(nn.Module):
             leaves = list(args)  # what tree_flatten((args, {})) gives, without its cost
         else:
             leaves, _ = tree_flatten((args, kwargs))
-        if len(leaves) < len(self.sidecar["inputs"]) and self._kwarg_names:
+        if self._kwarg_names and not all(k in kwargs for k in self._kwarg_names):
             self._missing_keywords(kwargs)
         self._check(leaves)
         tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]  # constants are baked in

@@ -527,10 +527,13 @@ def test_kwargs_model_round_trip(kwargs_artifact):
     # AOTInductor vs the reference graph, as above: atol=1e-4
     torch.testing.assert_close(art(x=x, scale=0.5, mask=mask), ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(art(mask=mask, x=x, scale=0.5), ref, atol=1e-4, rtol=0)  # keyword order is free
-    with pytest.raises(TypeError, match=r"needs them all, but \['scale'\] is missing: pass scale=0.5 \(a non-tensor"):
+    with pytest.raises(TypeError, match=r"needs them all, but \['scale'\] is missing: pass scale=0.5 by keyword \(a"):
         art(x=x, mask=mask)
-    with pytest.raises(TypeError, match=r"\['x', 'scale', 'mask'\] are missing: pass x, scale=0.5, mask \("):
+    with pytest.raises(TypeError, match=r"\['x', 'scale', 'mask'\] are missing: pass x, scale=0.5, mask by keyword"):
         art(x)  # the keywords given positionally need all of them
+    # positionally, even all of them: the artifact knows the captured call's keywords, not the forward's order
+    with pytest.raises(TypeError, match=r"are missing: pass x, scale=0.5, mask by keyword"):
+        art(x, 0.5, mask)
 
 
 @pytest.mark.slow
