@@ -3,9 +3,10 @@
 Calibration and int8 evaluation both go through a short-lived inner ``Trainer`` (CPU, one device, no checkpointing),
 so that the user's step code, torchmetrics metrics and Lightning's progress bar all work as usual, while the outer
 Trainer's state, loggers and callbacks are left alone. What the step may reach for is there: ``self.logger`` is a
-logger that records nothing (when the outer Trainer has one), ``self.trainer.datamodule`` the outer one. The
-LightningModule's and datamodule's ``setup``/``teardown`` are not called again: they ran for the outer Trainer, and a
-``setup`` that builds layers would replace the trained ones.
+logger that records nothing (when the outer Trainer has one; its ``log_dir`` is the outer one),
+``self.trainer.datamodule`` the outer one, whose batch hooks apply. The LightningModule's and datamodule's
+``prepare_data``/``setup``/``teardown`` are not called again: they ran for the outer Trainer, and a ``setup`` that
+builds layers would replace the trained ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -114,6 +117,52 @@ def _skip(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+class _SilentLogger(DummyLogger):
+    """Records nothing; ``save_dir``/``log_dir`` are the outer Trainer's ``log_dir`` (a step may write files there)."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        super().__init__()
+        self._log_dir = log_dir
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._log_dir
+
+    @property
+    def log_dir(self) -> str | None:
+        return self._log_dir
+
+
+def _outer_log_dir(outer: pl.Trainer) -> str | None:
+    """``outer.log_dir`` without its broadcast (only rank 0 runs the inner loops): Lightning's own choice of folder."""
+    if not outer.loggers:
+        return outer.default_root_dir
+    first = outer.loggers[0]
+    return first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+
+
+def _with_datamodule(inner: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
+    """Show ``datamodule`` to the inner Trainer's step code and apply its batch hooks, but not its data or setup.
+
+    ``validate(dataloaders=...)`` attaches no datamodule; the batch hooks (``on_before_batch_transfer``,
+    ``transfer_batch_to_device``, ``on_after_batch_transfer``) of a datamodule are chosen when data is attached, so
+    they are chosen again right after. ``prepare_data`` is not run again: it ran for the outer Trainer, and under DDP
+    Lightning wraps it in a barrier that only rank 0, alone in these loops, would enter.
+    """
+    connector = inner._data_connector
+    connector.prepare_data = _skip
+    if datamodule is None:
+        return
+    inner.datamodule = datamodule
+    attach, outer_datamodule = connector.attach_datamodule, datamodule
+
+    def attach_hooks_of_datamodule(model: pl.LightningModule, datamodule: Any = None) -> None:
+        attach(model, datamodule=datamodule)
+        connector._datahook_selector = _DataHookSelector(model, outer_datamodule)
+
+    connector.attach_datamodule = attach_hooks_of_datamodule
+
+
 @contextlib.contextmanager
 def _without_setup_and_teardown(*owners: Any) -> Iterator[None]:
     """Make ``setup``/``teardown`` of each owner (LightningModule, datamodule) a no-op for the inner Trainer."""
@@ -175,7 +224,7 @@ def _run_validation(
     inner = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        logger=DummyLogger() if outer.loggers else False,  # `self.logger.experiment...` in the step records nothing
+        logger=_SilentLogger(_outer_log_dir(outer)) if outer.loggers else False,  # `self.logger...` records nothing
         enable_checkpointing=False,
         enable_model_summary=False,
         callbacks=(bar := _progress_bar(outer)),
@@ -186,7 +235,7 @@ def _run_validation(
         default_root_dir=outer.default_root_dir,
     )
     datamodule = outer.datamodule
-    inner.datamodule = datamodule  # `self.trainer.datamodule` in the step (its hooks and loaders are not used)
+    _with_datamodule(inner, datamodule)
     device = pl_module.device
     was_training = pl_module.training
     try:

@@ -150,6 +150,9 @@ def resolve_targets(root: nn.Module, modules: tuple[str, ...] | None) -> tuple[s
 # ------------------------------------------------------------------------------------------------ swapping in/out
 
 
+OWN_FORWARD = "_lightning_quant_own_forward"  # an instance-level forward the root had before the routing
+
+
 class _RoutedForward:
     """Instance-level ``forward`` of the root that calls a replacement module with the caller's args and kwargs.
 
@@ -173,6 +176,9 @@ def install(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """
     if name == SELF:
         previous = installed(root, SELF)
+        own = root.__dict__.get("forward")
+        if own is not None and not isinstance(own, _RoutedForward):
+            root.__dict__[OWN_FORWARD] = own  # e.g. the compiled forward Lightning sets for `fit(torch.compile(m))`
         root.add_module(ROUTE_ATTR, new)
         root.__dict__["forward"] = _RoutedForward(root, ROUTE_ATTR)
         return previous
@@ -185,6 +191,8 @@ def uninstall(root: nn.Module, name: str, old: nn.Module) -> None:
     """Undo :func:`install`."""
     if name == SELF and old is root:
         root.__dict__.pop("forward", None)
+        if OWN_FORWARD in root.__dict__:
+            root.__dict__["forward"] = root.__dict__.pop(OWN_FORWARD)
         root._modules.pop(ROUTE_ATTR, None)
     elif name == SELF:
         root.add_module(ROUTE_ATTR, old)

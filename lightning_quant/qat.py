@@ -205,6 +205,7 @@ class QATCallback(QuantResults, Callback):
             return
         # what an earlier fit (or another model) left must not pass for this fit's results or warnings
         self.phase = "float"
+        self.targets, self._targets_of = (), None  # resolved again after the model's setup and configure_model
         self.quantized_modules, self.report = {}, None
         self._warned_eval, self._warned_bypass = set(), set()
         self._epochs_run = 0

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_quant import _bias_correction, _torchao
 from lightning_quant.capture import (
+    OWN_FORWARD,
     ROUTE_ATTR,
     CallNormalizer,
     batch_size_of,
@@ -229,6 +230,7 @@ def capturable(module: nn.Module, backend: str) -> nn.Module:
     """What to hand to ``torch.export`` for ``backend``: ``module`` itself, or a rewritten structural copy."""
     shell = structural_copy(module)
     shell.__dict__.pop("forward", None)  # never capture an instance-level routing...
+    shell.__dict__.pop(OWN_FORWARD, None)  # (or the compiled forward it stands in for)
     shell._modules.pop(ROUTE_ATTR, None)  # ...nor what it routes to
     return shell
 

@@ -226,11 +226,22 @@ class _CountsValBatches(AttrLayout):
 class _Quadrants(pl.LightningDataModule):
     num_classes = 4
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared = self.transferred = 0
+
+    def prepare_data(self) -> None:
+        self.prepared += 1
+
     def train_dataloader(self):
         return _loaders()[0]
 
     def val_dataloader(self):
         return _loaders()[1]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.transferred += 1  # e.g. normalization on the device: calibration must see it too
+        return batch
 
 
 class _SetupBuiltHead(_Base):
@@ -241,6 +252,8 @@ class _SetupBuiltHead(_Base):
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
         self.setup_calls: list[str] = []
+        self.log_dirs: set[str | None] = set()
+        self.transfers: list[int] = []
 
     def setup(self, stage: str) -> None:
         self.setup_calls.append(getattr(stage, "value", stage))
@@ -252,7 +265,31 @@ class _SetupBuiltHead(_Base):
     def validation_step(self, batch, batch_idx):
         assert self.trainer.datamodule.num_classes == 4
         self.logger.log_metrics({"seen": float(batch_idx)})  # e.g. `self.logger.experiment.add_image(...)`
+        self.log_dirs.add(self.trainer.log_dir)  # e.g. to write images there
+        self.transfers.append(self.trainer.datamodule.transferred)
         super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_qat_after_a_validate_finds_the_layers_built_in_setup(tmp_path):
+    from lightning_quant import QATCallback, QATGraph
+
+    pl.seed_everything(0)
+    from lightning.pytorch.loggers import CSVLogger
+
+    model, qat = _SetupBuiltHead(), QATCallback(start_epoch=0, export=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[qat],
+    )
+    trainer.validate(model, datamodule=_Quadrants(), verbose=False)  # a baseline first: `setup` runs after QAT's
+    trainer.fit(model, datamodule=_Quadrants())
+    assert isinstance(model.backbone, QATGraph) and isinstance(model.head, QATGraph)
 
 
 class _BuiltInConfigureModel(_Base):
@@ -305,8 +342,12 @@ def test_validation_step_using_logger_and_datamodule_with_layers_built_in_setup(
         enable_model_summary=False,
         callbacks=[ptq, keep],
     )
-    trainer.fit(model, datamodule=_Quadrants())
+    datamodule = _Quadrants()
+    trainer.fit(model, datamodule=datamodule)
     assert model.setup_calls == ["fit"]  # calibration and the evaluations did not run `setup` again
+    assert datamodule.prepared == 1  # nor `prepare_data` (under DDP, a barrier only rank 0 would enter)
+    assert model.log_dirs == {trainer.log_dir}
+    assert len(set(model.transfers)) == len(model.transfers) > 4  # the datamodule's batch hook ran before every step
     assert model.head is keep.head  # the trained head, not a new one
     # the fp32 evaluation ran the trained model: the same accuracy as the last epoch's validation
     assert ptq.report.metrics_fp32["val_acc"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))

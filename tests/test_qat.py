@@ -199,6 +199,9 @@ def test_callbacks_on_a_compiled_lightning_module(cls, tmp_path):
     else:
         assert callback.report.metrics_int8["val_acc"] >= callback.report.metrics_fp32["val_acc"] - 0.05
         assert callback.report.artifacts["self"].is_file()
+        # the calibration and evaluation passes gave Lightning's compiled forward back
+        assert "forward" in model.__dict__ and type(model.__dict__["forward"]).__name__ != "_RoutedForward"
+        assert not hasattr(model, "_lightning_quant_forward") and "_lightning_quant_own_forward" not in model.__dict__
 
 
 @pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])

@@ -238,7 +238,6 @@ def test_qat_checkpoint_without_the_unused_tensors_still_loads(tmp_path):
         torch.testing.assert_close(model.eval().model(x), trained.eval().model(x), atol=0, rtol=0)
 
 
-@pytest.mark.slow
 class _AuxNeverCalled(BackboneHead):
     """``self.aux`` is a QAT target that ``training_step`` never reaches."""
 
@@ -247,6 +246,7 @@ class _AuxNeverCalled(BackboneHead):
         self.aux = nn.Linear(4, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["current", "earlier"])
 def test_checkpoint_with_a_target_never_called_resumes(layout, tmp_path):
     pl.seed_everything(0)
@@ -289,6 +289,7 @@ def test_state_of_a_graph_not_captured_round_trips_under_the_float_names():
     torch.testing.assert_close(other.float_module.weight, float_module.weight, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_with_another_weight_granularity_is_refused(checkpoints):
     tmp, _, _ = checkpoints
     qat = QATCallback(start_epoch=1, weight_granularity="per_tensor", dirpath=str(tmp / "q3"))
