@@ -2,7 +2,7 @@
 
 usage: python tests/ddp_script.py STRATEGY {qat,qat_fails,ptq} OUT_DIR
 Each rank saves its tensor state at every train-epoch end; the launching process prints its model type. QAT with
-"ddp" trains a model without BatchNorm (no buffers when DDP wraps it), the others one with.
+"ddp" trains a model without BatchNorm (no buffers when DDP wraps it), the others one with; PTQ fits from a datamodule.
 """
 
 import os
@@ -28,6 +28,19 @@ class NoBufferNet(DropoutNet):
     def __init__(self):
         super().__init__()
         self.model[1] = torch.nn.Identity()
+
+
+class Data(pl.LightningDataModule):
+    """The same loaders from a datamodule that overrides `prepare_data` (Lightning runs it inside a barrier)."""
+
+    def prepare_data(self):
+        pass
+
+    def train_dataloader(self):
+        return _loaders()[0]
+
+    def val_dataloader(self):
+        return _loaders()[1]
 
 
 class Dump(Callback):
@@ -66,7 +79,10 @@ def main():
         callbacks=[cb, Dump(out)],
         default_root_dir=out,
     )
-    trainer.fit(model, train, val)
+    if kind == "ptq":  # the inner calibration/evaluation passes on rank 0 must not enter that barrier
+        trainer.fit(model, datamodule=Data())
+    else:
+        trainer.fit(model, train, val)
     if strategy == "ddp":  # every rank holds rank 0's int8 model: same quantization parameters everywhere
         qparams = {k: v for k, v in cb.quantized_model.state_dict().items() if "scale" in k or "zero_point" in k}
         torch.save(qparams, os.path.join(out, f"qparams_r{trainer.global_rank}.pt"))
