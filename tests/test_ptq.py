@@ -244,6 +244,21 @@ class _Quadrants(pl.LightningDataModule):
         return batch
 
 
+def _logged_trainer(tmp_path, callbacks) -> pl.Trainer:
+    """A quiet one-epoch CPU Trainer with a CSV logger (the steps of `_SetupBuiltHead` use `self.logger`)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 class _SetupBuiltHead(_Base):
     """Builds its head in ``setup`` (Lightning's docstring pattern, not idempotent) and reaches for ``self.logger`` and
     ``self.trainer.datamodule`` in ``validation_step``."""
@@ -275,18 +290,8 @@ def test_qat_after_a_validate_finds_the_layers_built_in_setup(tmp_path):
     from lightning_quant import QATCallback, QATGraph
 
     pl.seed_everything(0)
-    from lightning.pytorch.loggers import CSVLogger
-
     model, qat = _SetupBuiltHead(), QATCallback(start_epoch=0, export=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[qat],
-    )
+    trainer = _logged_trainer(tmp_path, [qat])
     trainer.validate(model, datamodule=_Quadrants(), verbose=False)  # a baseline first: `setup` runs after QAT's
     trainer.fit(model, datamodule=_Quadrants())
     assert isinstance(model.backbone, QATGraph) and isinstance(model.head, QATGraph)
@@ -323,8 +328,6 @@ def test_layers_built_in_configure_model(method, modules, tmp_path):
 
 @pytest.mark.slow
 def test_validation_step_using_logger_and_datamodule_with_layers_built_in_setup(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
     pl.seed_everything(0)
     model, ptq = _SetupBuiltHead(), PTQCallback(dirpath=str(tmp_path / "q"), num_calibration_samples=64)
 
@@ -333,15 +336,7 @@ def test_validation_step_using_logger_and_datamodule_with_layers_built_in_setup(
             self.head = pl_module.head
 
     keep = KeepHead()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ptq, keep],
-    )
+    trainer = _logged_trainer(tmp_path, [ptq, keep])
     datamodule = _Quadrants()
     trainer.fit(model, datamodule=datamodule)
     assert model.setup_calls == ["fit"]  # calibration and the evaluations did not run `setup` again
