@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_quant import _torchao
@@ -177,6 +178,11 @@ class QATCallback(QuantResults, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QATCallback")
         check_precision(trainer, "QATCallback")
+        if stage != "fit" and is_overridden("configure_model", pl_module):
+            # its layers may not exist yet: the targets are resolved when a checkpoint loads (after configure_model)
+            self.targets, self._targets_of = (), None
+            self.attach(pl_module)
+            return
         if stage != "fit":
             try:
                 resolve_targets(pl_module, self.config.modules)
@@ -451,12 +457,18 @@ class _SwapBeforeLoad:
 
     def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Lightning loads the model before the callbacks' own state: compare QAT settings here, from the graphs' state
-        expected = {ROUTE_ATTR if n == SELF else n: n for n in self.callback._resolve(module)}
         trained = {
             k[len(prefix) : -len("._extra_state")]: v
             for k, v in state_dict.items()
             if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and v.get("example_spec")
         }
+        try:
+            targets = self.callback._resolve(module)
+        except ValueError:
+            if trained:
+                raise
+            return  # a float checkpoint into a model this callback cannot quantize (an int8 artifact swapped in)
+        expected = {ROUTE_ATTR if n == SELF else n: n for n in targets}
         alone = len(getattr(module, "_lightning_quant_hooks", {})) <= 1  # other QAT callbacks train other submodules
         # a target absent from the checkpoint had not been called yet (it holds float weights): it starts QAT now
         mismatch = not set(trained) <= set(expected) if alone else any(_overlap(t, set(expected)) for t in trained)
@@ -475,7 +487,7 @@ class _SwapBeforeLoad:
                     f"The checkpoint was trained with QAT for backend {backend!r}, but `backend` is now "
                     f"{self.callback.config.backend!r}. Resume with the same backend (the fake-quant graphs differ)."
                 )
-        for name in self.callback._resolve(module):
+        for name in targets:
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):
                 _float_names(state_dict, key)
@@ -607,7 +619,6 @@ def load_qat_checkpoint(
 
     from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
     from lightning.fabric.utilities.cloud_io import _load as pl_load
-    from lightning.pytorch.utilities.model_helpers import is_overridden
 
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
         raise TypeError(f"Expected argument `cls` to be a LightningModule class, but got {cls!r}.")

@@ -327,6 +327,27 @@ def test_layers_built_in_configure_model(method, modules, tmp_path):
 
 
 @pytest.mark.slow
+def test_validate_a_qat_checkpoint_into_layers_built_in_configure_model(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_quant import QATCallback, QATGraph
+
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trained = _BuiltInConfigureModel()
+    trainer = _fit(trained, [QATCallback(start_epoch=0, export=False), ckpt], tmp_path, 1, enable_checkpointing=True)
+    want = float(trainer.callback_metrics["val_acc"])
+    for modules in (None, ["model"]):
+        model = _BuiltInConfigureModel()
+        evaluator = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[QATCallback(modules=modules)]
+        )
+        out = evaluator.validate(model, _loaders()[1], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+        assert isinstance(model.model, QATGraph)
+        assert out[0]["val_acc"] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_validation_step_using_logger_and_datamodule_with_layers_built_in_setup(tmp_path):
     pl.seed_everything(0)
     model, ptq = _SetupBuiltHead(), PTQCallback(dirpath=str(tmp_path / "q"), num_calibration_samples=64)
