@@ -162,11 +162,13 @@ def _load_checkpoint(model_cls: type, ckpt: Path) -> Any:
 def _holds_qat_graphs(ckpt: Path) -> bool:
     from lightning.fabric.utilities.cloud_io import _load as pl_load
 
+    from lightning_quant.qat_graph import is_captured_state
+
     try:
         state = pl_load(str(ckpt), map_location="cpu", weights_only=True).get("state_dict", {})
     except Exception:  # noqa: BLE001 - not a checkpoint at all: the caller reports the load error
         return False
-    return any(k.endswith("._extra_state") and isinstance(v, dict) and "example_spec" in v for k, v in state.items())
+    return any(k.endswith("._extra_state") and is_captured_state(v) for k, v in state.items())
 
 
 def _datamodule(cls: type, args_json: str | None) -> Any:

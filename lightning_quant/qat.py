@@ -19,7 +19,7 @@ from lightning_quant._guards import check_precision, check_siblings, check_strat
 from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
 from lightning_quant.capture import QUANTIZABLE, ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
-from lightning_quant.qat_graph import QATGraph
+from lightning_quant.qat_graph import QATGraph, is_captured_state, to_float_names
 
 
 def _expect_epoch(name: str, value: Any, optional: bool) -> int | None:
@@ -178,10 +178,11 @@ class QATCallback(QuantResults, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QATCallback")
         check_precision(trainer, "QATCallback")
+        # resolved afresh for each run: for `fit` at `on_fit_start` (or when a checkpoint loads), after the
+        # LightningModule's `setup` and `configure_model`, which run after this and may build the layers
+        self.targets, self._targets_of = (), None
         if stage != "fit" and is_overridden("configure_model", pl_module):
-            # its layers may not exist yet: the targets are resolved when a checkpoint loads (after configure_model)
-            self.targets, self._targets_of = (), None
-            self.attach(pl_module)
+            self.attach(pl_module)  # its layers may not exist yet: the targets are resolved when a checkpoint loads
             return
         if stage != "fit":
             try:
@@ -196,8 +197,6 @@ class QATCallback(QuantResults, Callback):
                 return
             self._resolve(pl_module)
             check_siblings(self, trainer, pl_module)
-        # for `fit`, the targets are resolved at `on_fit_start` (or when a checkpoint loads): the LightningModule's
-        # `setup` and `configure_model`, which run after this, may build the layers
         if stage == "fit" and _spawned(trainer) and not getattr(pl_module, "_lightning_quant_hooks", None):
             raise QuantizationError(
                 "With a spawning strategy (e.g. strategy='ddp_spawn'), the launching process loads what the workers "
@@ -211,7 +210,6 @@ class QATCallback(QuantResults, Callback):
             return
         # what an earlier fit (or another model) left must not pass for this fit's results or warnings
         self.phase = "float"
-        self.targets, self._targets_of = (), None  # resolved again after the model's setup and configure_model
         self.quantized_modules, self.report = {}, None
         self._warned_eval, self._warned_bypass = set(), set()
         self._epochs_run = 0
@@ -460,7 +458,7 @@ class _SwapBeforeLoad:
         trained = {
             k[len(prefix) : -len("._extra_state")]: v
             for k, v in state_dict.items()
-            if k.startswith(prefix) and k.endswith("._extra_state") and isinstance(v, dict) and v.get("example_spec")
+            if k.startswith(prefix) and k.endswith("._extra_state") and is_captured_state(v)
         }
         try:
             targets = self.callback._resolve(module)
@@ -490,7 +488,9 @@ class _SwapBeforeLoad:
         for name in targets:
             key = prefix + (ROUTE_ATTR if name == SELF else name) + "."
             if not any(k.startswith(key + "gm.") for k in state_dict):
-                _float_names(state_dict, key)
+                extra = state_dict.get(key + "_extra_state")
+                if isinstance(extra, dict) and "example_spec" in extra:  # an uncaptured graph, as earlier checkpoints
+                    to_float_names(state_dict, key)  # kept it: under the graph's `source`
                 # a float checkpoint (saved before QAT started, e.g. `test(ckpt_path="best")` after fit): if a
                 # fake-quant graph stands in now, give the float module back, and the float weights load into it
                 current = installed(module, name)
@@ -537,20 +537,11 @@ class _DeferAfterLoad:
                 self.callback._pending[name] = graph
 
 
-def _float_names(state_dict: dict[str, Any], key: str) -> None:
-    """Rename a never-captured graph's float state, as earlier checkpoints kept it, to the float module's names."""
-    extra = state_dict.get(key + "_extra_state")
-    if isinstance(extra, dict) and "example_spec" in extra and not extra["example_spec"]:
-        del state_dict[key + "_extra_state"]
-        for k in [k for k in state_dict if k.startswith(key + "source.")]:
-            state_dict[key + k[len(key + "source.") :]] = state_dict.pop(k)
-
-
 def _states_from_graphs(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """``QATCallback`` settings read from the captured graphs in a model ``state_dict`` (one per graph)."""
     states = []
     for key, extra in state_dict.items():
-        if not (key.endswith("._extra_state") and isinstance(extra, dict) and extra.get("example_spec")):
+        if not (key.endswith("._extra_state") and is_captured_state(extra)):
             continue
         name = key[: -len("._extra_state")]
         states.append(

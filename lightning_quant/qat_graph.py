@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _fast_qat, _torchao
 from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu, retarget_devices
@@ -158,18 +158,27 @@ def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) 
             ) from err
 
 
+def is_captured_state(extra: Any) -> bool:
+    """Whether a state_dict ``_extra_state`` value is that of a captured :class:`QATGraph`."""
+    return isinstance(extra, dict) and bool(extra.get("example_spec"))
+
+
+def to_float_names(state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename an uncaptured graph's state under ``prefix`` to its float module's names (``source.*`` -> ``*``)."""
+    state_dict.pop(prefix + "_extra_state", None)
+    source = prefix + "source."
+    for key in [k for k in state_dict if k.startswith(source)]:
+        state_dict[prefix + key[len(source) :]] = state_dict.pop(key)
+
+
 def _float_state_until_captured(graph: QATGraph, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """``state_dict`` post-hook: a graph not captured yet saves exactly its float module's state.
 
     A checkpoint written while a target had not been called yet (a submodule ``training_step`` never reached) then
     loads back into the float model, for a resume as for plain ``load_state_dict``.
     """
-    if graph.gm is not None:
-        return
-    state_dict.pop(prefix + "_extra_state", None)
-    source = prefix + "source."
-    for key in [k for k in state_dict if k.startswith(source)]:
-        state_dict[prefix + key[len(source) :]] = state_dict.pop(key)
+    if graph.gm is None:
+        to_float_names(state_dict, prefix)
 
 
 def _float_state_into_source(graph: QATGraph, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -421,9 +430,7 @@ class QATGraph(nn.Module):
         samples. ``(args, kwargs)`` are normalized to the capture's call, so they have its structure.
         """
         self._example_from_checkpoint = False
-        self.example_inputs = tree_map(
-            lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, (args, kwargs)
-        )
+        self.example_inputs = detach_inputs(args, kwargs)
 
     @torch.compiler.disable  # runs eagerly inside a compiled LightningModule (`trainer.fit(torch.compile(model))`)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
