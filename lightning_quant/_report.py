@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_quant import export
 from lightning_quant._loop import all_loaders, has_validation_step, run_validation
 from lightning_quant.capture import SELF, batch_size_of, get_submodule
-from lightning_quant.config import BACKENDS, QuantizationError, first_line
+from lightning_quant.config import BACKENDS, QuantizationError, first_line, speed_change
 from lightning_quant.quantize import META_KEY
 
 
@@ -55,7 +55,7 @@ class QuantReport:
                     f"latency {name} (fp32 -> int8, batch {self.batch_size.get(name)})",
                     f"{f:.3f} ms",
                     f"{q:.3f} ms",
-                    f"{f / q:.2f}x faster",
+                    speed_change(f, q),
                 )
             )
         for name, d in self.parity_max_abs_diff.items():

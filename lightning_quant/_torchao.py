@@ -628,11 +628,13 @@ def _restore_dim_ranges(edge: Any, ep: torch.export.ExportedProgram) -> None:
                         env.var_to_range[sym] = ValueRanges(vr.lower, original[sym].upper)
 
 
-def load_executorch_method(path: str) -> Any:
-    """Load the ``forward`` method of a ``.pte`` file with the ExecuTorch runtime (XNNPACK kernels registered)."""
+def load_executorch_method(program: str | bytes) -> Any:
+    """Load the ``forward`` method of a ``.pte`` program (its path or bytes) with the ExecuTorch runtime + XNNPACK."""
     require_executorch()
     with _quiet_import():
         from executorch.runtime import Runtime
 
-    program = Runtime.get().load_program(path)
-    return program.load_method("forward")
+    loaded = Runtime.get().load_program(program)
+    method = loaded.load_method("forward")
+    method.lq_program = loaded  # the Program holds the bytes the method runs from: keep it as long as the method
+    return method

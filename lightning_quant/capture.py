@@ -66,7 +66,7 @@ def default_targets(root: nn.Module) -> tuple[str, ...]:
     children = [(n, c) for n, c in root.named_children() if not _is_metric_or_loss(c)]
     if overrides_forward(root) and any(isinstance(c, QUANTIZABLE) for _, c in children):
         return (SELF,)
-    found = tuple(n for n, c in children if has_quantizable_layers(c))
+    found = child_targets(root)
     if not found:
         raise ValueError(
             f"`{type(root).__name__}` has no quantizable layers (Conv1d/2d/3d, ConvTranspose2d or Linear) in its "
@@ -74,6 +74,11 @@ def default_targets(root: nn.Module) -> tuple[str, ...]:
             "them."
         )
     return found
+
+
+def child_targets(root: nn.Module) -> tuple[str, ...]:
+    """Direct children holding Conv/Linear layers (no metrics or losses): ``("model",)``, ``("backbone", "head")``."""
+    return tuple(n for n, c in root.named_children() if not _is_metric_or_loss(c) and has_quantizable_layers(c))
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_quant.config import first_line
+from lightning_quant.config import first_line, speed_change
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -98,7 +98,7 @@ def _demo_table(accuracy: str, reports: list) -> str:
                 f"{acc - fp32_acc:+.4f}",
                 f"{size / 1024:.0f} KiB ({size / fp32_size:.2f}x)",
                 f"{q_ms:.2f} ms",
-                f"{fp32_ms / q_ms:.2f}x faster",
+                speed_change(fp32_ms, q_ms),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -429,7 +429,7 @@ def _bench(args: argparse.Namespace) -> int:
     if baseline is not None:
         fp32_ms = median_ms(baseline, *call_args, repeats=args.repeats, **call_kwargs)
         print(f"fp32 model     {fp32_ms:9.3f} ms  ({args.model}, submodule {sidecar['submodule']!r})")
-        print(f"int8 is {fp32_ms / int8_ms:.2f}x {'faster' if fp32_ms >= int8_ms else 'slower'} than fp32")
+        print(f"int8 is {speed_change(fp32_ms, int8_ms)} than fp32")
     return 0
 
 

@@ -60,6 +60,13 @@ CALIBRATION_DATA: tuple[str, ...] = ("train", "val")
 WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 
 
+def speed_change(fp32_ms: float, int8_ms: float) -> str:
+    """``"2.50x faster"``, or ``"1.25x slower"`` when int8 takes longer (never "0.80x faster")."""
+    if int8_ms <= fp32_ms:
+        return f"{fp32_ms / int8_ms:.2f}x faster"
+    return f"{int8_ms / fp32_ms:.2f}x slower"
+
+
 def first_line(err: BaseException, limit: int = 160) -> str:
     """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]

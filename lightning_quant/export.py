@@ -543,6 +543,14 @@ class QuantizedArtifact(nn.Module):
         loader = getattr(runner, "loader", None) if self.backend == "x86" else None
         self._run = loader.boxed_run if loader is not None else runner
 
+    def __reduce__(self) -> tuple:
+        # the runtimes cannot be pickled or copied: a copy (``copy.deepcopy``, ``pickle``, ``torch.save``) loads the
+        # file again, by path
+        return _load_again, (str(self.path), self.backend)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r})"
+
     def train(self, mode: bool = True) -> QuantizedArtifact:
         self.training = mode  # a compiled inference program: the flag moves, nothing else
         return self
@@ -551,6 +559,7 @@ class QuantizedArtifact(nn.Module):
         spec = self.sidecar["inputs"]
         if len(leaves) != len(spec):
             raise ValueError(f"{self.path.name} expects {len(spec)} inputs, but got {len(leaves)}.")
+        batches: dict[str, int] = {}
         for i, (x, s) in enumerate(zip(leaves, spec)):
             if "constant" in s:
                 if repr(x) != s["constant"]:
@@ -572,18 +581,27 @@ class QuantizedArtifact(nn.Module):
             shape = list(x.shape)
             want = s["shape"]
             if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
+                pad = " (only the batch dimension is dynamic)" if len(shape) > 1 else ""
                 raise ValueError(
-                    f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch), got {shape}."
+                    f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch), got "
+                    f"{shape}{pad}."
                 )
             if str(x.dtype).replace("torch.", "") != s["dtype"]:
                 raise TypeError(
                     f"{self.path.name}: input `{s.get('name', i)}` must be {s['dtype']}, but got {x.dtype}."
                 )
+            if want and want[0] is None:
+                batches[s.get("name", str(i))] = x.shape[0]
             if want and x.shape[0] > self.sidecar["max_batch_size"]:
                 raise ValueError(
                     f"{self.path.name}: batch {x.shape[0]} exceeds the exported max_batch_size "
                     f"{self.sidecar['max_batch_size']}; split the batch or export with a larger `max_batch_size`."
                 )
+        if len(set(batches.values())) > 1:  # one batch dim was exported for them all; the x86 runtime does not check
+            sizes = ", ".join(f"`{k}` {v}" for k, v in batches.items())
+            raise ValueError(f"{self.path.name}: the batched inputs must share one batch size, but got {sizes}.")
+        if 0 in batches.values() and self.backend == "arm":
+            raise ValueError(f"{self.path.name}: batch 0 is empty; the arm runtime (XNNPACK) needs at least 1 sample.")
 
     def _missing_keywords(self, kwargs: dict[str, Any]) -> None:
         missing = [k for k in self._kwarg_names if k not in kwargs]
@@ -614,11 +632,11 @@ class QuantizedArtifact(nn.Module):
         if self._kwarg_names and not all(k in kwargs for k in self._kwarg_names):
             self._missing_keywords(kwargs)
         self._check(leaves)
-        tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]  # constants are baked in
-        if self.backend == "x86":
-            outputs = self._run(tensors)
-        else:
-            outputs = self.runner.execute(tensors)
+        inputs = [x.detach().contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
+        if self.backend == "x86":  # constants are baked in; the program takes the tensors
+            outputs = self._run([x for x in inputs if isinstance(x, torch.Tensor)])
+        else:  # an ExecuTorch program keeps its (checked) constants among its inputs
+            outputs = self.runner.execute(inputs)
         return tree_unflatten(list(outputs), self._out_spec)
 
 
@@ -643,10 +661,14 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
     sidecar = read_sidecar(path)
     if wanted is not None and wanted != sidecar["backend"]:
         raise ArtifactError(
-            f"{path.name} is a {sidecar['backend']!r} artifact, but backend={backend!r} was asked for. Export for that "
-            f"backend, or load it without `backend=`."
+            f"{path.name} is an {sidecar['backend']!r} artifact, but backend={backend!r} was asked for. Export for "
+            f"that backend, or load it without `backend=`."
         )
-    if verify and sha256_file(path) != sidecar["sha256"]:
+    # a .pte is read into memory once: the sha256 is that of the bytes the runtime loads, and rewriting the file in
+    # place later (`cp new.pte model.pte`) cannot pull the program out from under a running service
+    data = path.read_bytes() if sidecar["backend"] == "arm" else None
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path) if verify else None
+    if verify and digest != sidecar["sha256"]:
         written_for = sidecar.get("file")
         if isinstance(written_for, str) and written_for != path.name:
             why = f"the sidecar {sidecar_path(path).name} was written for {written_for}, or this file was altered"
@@ -656,20 +678,31 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
             f"{path.name} does not match the sha256 in its sidecar: {why}. Re-export it; only load artifacts you trust "
             "(an x86 package contains native code)."
         )
-    runner = _open_runner(path, sidecar["backend"])
+    runner = _open_runner(path, sidecar["backend"], data)
     _check_call_spec(sidecar, path)
     return QuantizedArtifact(runner, sidecar, path)
 
 
-def _open_runner(path: Path, backend: str) -> Any:
-    """The backend's runtime for the artifact at ``path``: an AOTInductor model, or an ExecuTorch method."""
+def _load_again(path: str, backend: str) -> QuantizedArtifact:
+    return load(path, backend=backend)
+
+
+def _open_runner(path: Path, backend: str, data: bytes | None = None) -> Any:
+    """The backend's runtime for ``path``: an AOTInductor model, or an ExecuTorch method (from ``data`` if given)."""
     if backend == "x86":
         try:
             return torch._inductor.aoti_load_package(str(path))
         except Exception as err:
             raise ArtifactError(f"Could not load the AOTInductor package {path.name}: {err}") from err
+    data = path.read_bytes() if data is None else data
+    # ExecuTorch aborts the process (no Python exception) on some files that are not programs: check the header first
+    if not (data[4:6] == b"ET" and data[6:8].isdigit()):
+        raise ArtifactError(
+            f"Could not load the ExecuTorch program {path.name}: it is not an ExecuTorch program (no 'ET' file "
+            "identifier in its header). Re-export it, or load the file its sidecar was written for."
+        )
     try:
-        return _torchao.load_executorch_method(str(path))
+        return _torchao.load_executorch_method(data)
     except ModuleNotFoundError:
         raise
     except Exception as err:

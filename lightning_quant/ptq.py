@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_quant import _torchao
@@ -20,7 +21,7 @@ from lightning_quant._loop import (
     run_validation,
 )
 from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
-from lightning_quant.capture import get_submodule, resolve_targets
+from lightning_quant.capture import SELF, child_targets, get_submodule, resolve_targets
 from lightning_quant.config import QuantConfig, expect_output_args
 from lightning_quant.quantize import CalibrationGraph
 
@@ -178,10 +179,25 @@ class PTQCallback(QuantResults, Callback):
         targets = resolve_targets(pl_module, self.config.modules)
         resolve_dirpath(self.dirpath, trainer)  # a folder that cannot be written fails before the work
         loader = self.calibration_loader(trainer)
-        calibrators = {name: CalibrationGraph(get_submodule(pl_module, name), name, self.config) for name in targets}
         n_batches = batches_for(loader, self.config.num_calibration_samples)
-        run_validation(trainer, pl_module, loader, calibrators, limit_batches=n_batches)
+        calibrators = self._observe(trainer, pl_module, loader, targets, n_batches)
+        if self.config.modules is None and targets == (SELF,) and calibrators[SELF].prepared is None:
+            # the default picked `forward`, but the steps call the children directly (`self.head(self.backbone(x))`)
+            children = child_targets(pl_module)
+            if children:
+                rank_zero_info(
+                    f"PTQCallback: `{type(pl_module).__name__}.forward` was not called during calibration (the steps "
+                    f"call its submodules directly), so {list(children)} are quantized instead, one artifact each."
+                )
+                calibrators = self._observe(trainer, pl_module, loader, children, n_batches)
         return {name: c.convert() for name, c in calibrators.items()}
+
+    def _observe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any, targets: tuple[str, ...], n_batches: int
+    ) -> dict[str, CalibrationGraph]:
+        calibrators = {name: CalibrationGraph(get_submodule(pl_module, name), name, self.config) for name in targets}
+        run_validation(trainer, pl_module, loader, calibrators, limit_batches=n_batches)
+        return calibrators
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantReport:
         return finish(

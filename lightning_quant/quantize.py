@@ -247,6 +247,19 @@ def _observed_where(observer: torch.fx.Node) -> str:
     return f"output of {path!r}" if path else f"node {source.name!r}"
 
 
+def _nonfinite_inputs(args: tuple, kwargs: dict) -> str:
+    """The inputs holding NaN or +-inf (``"input 'x' holds NaN"``), or that they come from inside the model."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    bad = []
+    for path, x in tree_flatten_with_path((args, kwargs))[0]:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            where = keystr(path[1:])
+            name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"")
+            bad.append(f"input {name!r} holds {'NaN' if bool(x.isnan().any()) else '+-inf'}")
+    return ", ".join(bad) or "every input is finite: the model produced them"
+
+
 class CalibrationGraph(nn.Module):
     """Stands in for one submodule during calibration.
 
@@ -307,14 +320,16 @@ class CalibrationGraph(nn.Module):
                 raise
             raise ValueError(
                 f"Calibration batch {self.num_batches} of {self.name!r} does not match the inputs it was captured with "
-                f"({err}): every batch needs the first batch's shapes apart from the batch size, and its dtypes."
+                f"({err}): every batch needs the first batch's shapes apart from the batch size, and its dtypes (only "
+                "the batch dimension is dynamic: e.g. pad text to one fixed length in the dataloader's `collate_fn`)."
             ) from None
         except RuntimeError as err:  # the histogram observer's range of a tensor holding NaN or +-inf
             if "not finite" not in str(err):
                 raise
             raise ValueError(
                 f"Calibration batch {self.num_batches} of {self.name!r} sent NaN or infinite values into a layer to be "
-                f"quantized ({err}); observers cannot take a range from them. Clean the calibration data."
+                f"quantized ({_nonfinite_inputs(args, kwargs)}; {err}); observers cannot take a range from them. "
+                "Clean the calibration data."
             ) from None
 
     def convert(self) -> torch.fx.GraphModule:

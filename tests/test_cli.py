@@ -110,7 +110,7 @@ def dummy_ckpt(tmp_path: Path) -> str:
         (["inspect", "{ckpt}"], "has no sidecar"),
         (["bench", "{ckpt}"], "has no sidecar"),
         (["bench", "{artifact}", "--model", MODEL], "--model and --ckpt go together"),
-        (["bench", "{artifact}", "--backend", "arm"], "is a 'x86' artifact, but backend='arm' was asked for"),
+        (["bench", "{artifact}", "--backend", "arm"], "is an 'x86' artifact, but backend='arm' was asked for"),
         (["bench", "{artifact}", "--threads", "0"], "--threads must be >= 1"),
     ],
 )
@@ -170,7 +170,7 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: model_int8.pte is a 'arm' artifact, but backend='x86' was asked for. Export for that backend, or "
+        "error: model_int8.pte is an 'arm' artifact, but backend='x86' was asked for. Export for that backend, or "
         "load it without `backend=`."
     ]
 

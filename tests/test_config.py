@@ -4,7 +4,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_quant.config import BACKENDS, CALIBRATION_DATA, OBSERVERS, QuantConfig, expect_modules, resolve_backend
+from lightning_quant.config import (
+    BACKENDS,
+    CALIBRATION_DATA,
+    OBSERVERS,
+    QuantConfig,
+    expect_modules,
+    resolve_backend,
+    speed_change,
+)
 
 BAD_INPUTS = [
     # (callable, kwargs, exception, regex the message must match)
@@ -128,3 +136,11 @@ def test_any_value_is_accepted_or_rejected_naming_the_field(field, value):
         assert got is None or (isinstance(got, tuple) and got and all(n and n == n.strip() for n in got))
     else:
         assert type(got) is int and got >= (2 if field == "max_batch_size" else 1)
+
+
+@pytest.mark.parametrize(
+    ("fp32_ms", "int8_ms", "text"),
+    [(2.0, 1.0, "2.00x faster"), (1.0, 1.0, "1.00x faster"), (1.0, 1.25, "1.25x slower")],
+)
+def test_speed_change_says_slower_rather_than_a_ratio_below_one_faster(fp32_ms, int8_ms, text):
+    assert speed_change(fp32_ms, int8_ms) == text

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -310,7 +312,7 @@ def test_load_truncated_file(x86_artifact, tmp_path):
 
 @pytest.mark.slow
 def test_load_wrong_backend(x86_artifact):
-    with pytest.raises(ArtifactError, match=r"is a 'x86' artifact, but backend='arm' was asked for"):
+    with pytest.raises(ArtifactError, match=r"is an 'x86' artifact, but backend='arm' was asked for"):
         load(x86_artifact.path, backend="arm")
     with pytest.raises(ArtifactError, match=r"'x86' artifact, but backend='qnnpack'"):
         load(x86_artifact.path, backend="qnnpack")
@@ -325,7 +327,8 @@ def test_load_wrong_backend(x86_artifact):
         (
             (torch.randn(2, 1, 27, 28),),
             ValueError,
-            r"input `args\[0\]` must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\]",
+            r"input `args\[0\]` must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\] "
+            r"\(only the batch dimension is dynamic\)",
         ),
         ((torch.randn(1, 28, 28),), ValueError, r"must have shape \[None, 1, 28, 28\]"),
         (
@@ -537,6 +540,29 @@ def test_kwargs_model_round_trip(kwargs_artifact):
 
 
 @pytest.mark.slow
+def test_batched_inputs_must_share_their_batch_size(kwargs_artifact):
+    # one batch dim was exported for x and mask; the x86 runtime itself would run rows of x without a mask row
+    with pytest.raises(ValueError, match=r"must share one batch size, but got `x` 5, `mask` 3"):
+        kwargs_artifact.loaded(x=torch.randn(5, 16), scale=0.5, mask=torch.rand(3, 4))
+
+
+@pytest.mark.slow
+def test_arm_program_with_a_constant_argument(tmp_path):
+    pytest.importorskip("executorch")
+    torch.manual_seed(2)
+    net = KwargsNet().eval()
+    calib = [{"x": torch.randn(8, 16), "scale": 0.5, "mask": torch.rand(8, 4)} for _ in range(4)]
+    q = quantize_ptq(net, calib, backend="arm", num_calibration_samples=32, max_batch_size=16)
+    save(q, tmp_path / "kw.pte")  # checked the reloaded program on the example inputs: failed with "error 0x12"
+    art = load(tmp_path / "kw.pte")
+    x, mask = torch.randn(5, 16), torch.rand(5, 4)
+    want = q(x=x, scale=0.5, mask=mask)
+    assert float((art(x=x, scale=0.5, mask=mask) - want).abs().max()) <= 1.01 * _output_step(q) + 1e-6
+    with pytest.raises(ValueError, match="scale"):
+        art(x=x, scale=2.0, mask=mask)
+
+
+@pytest.mark.slow
 def test_kwargs_artifact_refuses_another_constant(kwargs_artifact):
     x, mask = torch.randn(5, 16), torch.rand(5, 4)
     with pytest.raises(ValueError, match="scale"):
@@ -584,3 +610,40 @@ def test_arm_reshape_with_dynamic_batch_is_delegated(tmp_path, flatten):
     for batch in (1, 3, 16):
         x = torch.randn(batch, 3, 8, 8)
         torch.testing.assert_close(runner(x), q(x), atol=2 * _output_step(q), rtol=0)
+
+
+@pytest.mark.slow
+def test_loaded_program_survives_its_file_rewritten_in_place(arm_artifact, tmp_path):
+    path = _copy_artifact(arm_artifact.path, tmp_path)
+    art = load(path)
+    x = torch.randn(3, 1, 28, 28)
+    before = art(x)
+    with open(path, "r+b") as f:  # like `cp new.pte model.pte` under a running service (crashed it: SIGSEGV)
+        f.write(b"\0" * path.stat().st_size)
+    torch.testing.assert_close(art(x), before, atol=0, rtol=0)
+
+
+def test_load_refuses_a_pte_that_is_no_program_even_unverified(arm_artifact, tmp_path):
+    path = tmp_path / "bad.pte"
+    path.write_bytes(b"\0" * 4 + b"\xff\xfe\xfd\xfc" + b"\0" * 200)  # aborted the process in ExecuTorch (SIGABRT)
+    shutil.copyfile(str(arm_artifact.path) + ".json", str(path) + ".json")
+    with pytest.raises(ArtifactError, match=r"bad.pte: it is not an ExecuTorch program"):
+        load(path, verify=False)
+
+
+def test_arm_batch_zero_is_refused_by_name(arm_artifact):
+    with pytest.raises(ValueError, match=r"batch 0 is empty; the arm runtime \(XNNPACK\) needs at least 1 sample"):
+        load(arm_artifact.path)(torch.randn(0, 1, 28, 28))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_copies_and_pickles_of_a_loaded_artifact_load_the_file_again(request, backend):
+    made = request.getfixturevalue(f"{backend}_artifact")
+    art = load(made.path)
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)  # also: a tensor that requires grad (a Parameter failed on arm)
+    assert repr(art) == f"QuantizedArtifact({str(made.path)!r}, backend={backend!r})"
+    for other in (copy.deepcopy(art), pickle.loads(pickle.dumps(art))):
+        assert isinstance(other, QuantizedArtifact) and other.runner is not art.runner
+        torch.testing.assert_close(other(x), art(x), atol=0, rtol=0)
+    art(nn.Parameter(x.detach()))

@@ -210,6 +210,37 @@ def test_backbone_and_head_are_quantized_separately(tmp_path):
         _ = ptq.quantized_model
 
 
+class _BackboneLinearHeadWithForward(BackboneHead):
+    """A ``forward`` and a Linear held directly (so the default picks ``forward``), but the steps bypass ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).flatten(1))
+
+
+def test_default_falls_back_to_the_children_when_the_steps_bypass_forward(tmp_path, caplog):
+    pl.seed_everything(0)
+    model = _BackboneLinearHeadWithForward()
+    ptq = PTQCallback(num_calibration_samples=32, dirpath=str(tmp_path), evaluate=True)
+    with caplog.at_level("INFO"):
+        trainer = _fit(model, [ptq], tmp_path, max_epochs=1)
+    assert "was not called during calibration" in caplog.text
+    assert set(ptq.quantized_modules) == {"backbone", "head"}
+    assert {p.name for p in ptq.artifacts.values()} == {"backbone_int8.pt2", "head_int8.pt2"}
+    assert "val_acc_int8" in trainer.callback_metrics
+    x = _data(96, seed=1).tensors[0]
+    q = ptq.quantized_modules
+    with torch.no_grad():
+        agree = (q["head"](q["backbone"](x).flatten(1)).argmax(1) == model(x).argmax(1)).float().mean()
+    assert agree >= 0.95
+
+
 class _CountsValBatches(AttrLayout):
     """Counts the batches of the val loader (48 samples) that inner `validate` runs (calibration uses train's 32)."""
 
