@@ -92,7 +92,15 @@ def check_other_batch(art: Any, q: nn.Module, args: tuple, kwargs: dict, name: s
 
     args1, kwargs1 = tree_map(first, args), tree_map(first, kwargs)
     with torch.no_grad():
-        got, want = art(*args1, **kwargs1), q(*args1, **kwargs1)
+        want = q(*args1, **kwargs1)
+        try:
+            got = art(*args1, **kwargs1)
+        except RuntimeError as err:  # e.g. ExecuTorch: "Attempted to resize a static tensor" in a non-delegated op
+            raise export.ArtifactError(
+                f"The exported artifact for {name!r} ({art.path.name}) fails on a batch of 1 ({first_line(err)}): its "
+                f"runtime planned some tensors for the capture batch ({batch}) only. Export it for another backend, or "
+                f"always call it with batches of {batch}; please report this with the model's structure."
+            ) from err
     if _shapes(got) != _shapes(want):
         raise export.ArtifactError(
             f"The exported artifact for {name!r} returned outputs of shapes {_shapes(got)} for a batch of 1, but the "

@@ -12,6 +12,43 @@ from typing import Any
 from lightning_quant.config import first_line, speed_change
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low`` (a bad value is refused before any work, naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _backend_list(text: str) -> list[str]:
+    from lightning_quant.config import resolve_backend
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more of x86, arm (comma-separated)")
+    try:
+        return list(dict.fromkeys(resolve_backend(b).name for b in names))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     import copy
 
@@ -30,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    backends = [b for b in args.backends.split(",") if b]
+    backends = list(args.backends)
     if "arm" in backends and not _torchao.executorch_available():
         print('note: executorch is not installed, skipping ARM (pip install "lightning-quant[arm]")')
         backends.remove("arm")
@@ -444,16 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison.",
     )
     demo.add_argument("--data", default=None, help="folder with Fashion-MNIST *-ubyte.gz files")
-    demo.add_argument("--epochs", type=int, default=2)
-    demo.add_argument("--lr", type=float, default=0.05)
-    demo.add_argument("--qat-epochs", type=int, default=1, help="QAT fine-tuning epochs per backend (0: PTQ only)")
-    demo.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate = --lr times this")
-    demo.add_argument("--backends", default="x86,arm", help="comma-separated: x86, arm")
-    demo.add_argument("--calibration-samples", type=int, default=1024)
-    demo.add_argument("--train-subset", type=int, default=None, help="train on N random training images only")
-    demo.add_argument("--test-subset", type=int, default=None, help="evaluate on N random test images only")
+    demo.add_argument("--epochs", type=_at_least(1), default=2)
+    demo.add_argument("--lr", type=_positive_float, default=0.05)
+    demo.add_argument(
+        "--qat-epochs", type=_at_least(0), default=1, help="QAT fine-tuning epochs per backend (0: PTQ only)"
+    )
+    demo.add_argument("--qat-lr-scale", type=_positive_float, default=0.1, help="QAT learning rate = --lr times this")
+    demo.add_argument("--backends", type=_backend_list, default="x86,arm", help="comma-separated: x86, arm")
+    demo.add_argument("--calibration-samples", type=_at_least(1), default=1024)
+    demo.add_argument("--train-subset", type=_at_least(1), default=None, help="train on N random training images only")
+    demo.add_argument("--test-subset", type=_at_least(1), default=None, help="evaluate on N random test images only")
     demo.add_argument("--out", default="lightning_quant_demo", help="output folder for artifacts")
-    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--threads", type=_at_least(1), default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
@@ -476,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--datamodule-args", metavar="JSON", help="its keyword arguments, e.g. '{\"batch_size\": 64}'")
     ptq.add_argument("--ckpt", required=True, metavar="PATH", help="the trained checkpoint")
     ptq.add_argument("--backend", default="x86", help=f"{backends}; aliases fbgemm, qnnpack... (default x86)")
-    ptq.add_argument("--calibration-samples", type=int, default=1024, metavar="N", help="default 1024")
+    ptq.add_argument("--calibration-samples", type=_at_least(1), default=1024, metavar="N", help="default 1024")
     ptq.add_argument("--calibration-data", default="train", help=f"{' or '.join(CALIBRATION_DATA)} (default train)")
     ptq.add_argument("--observer", default="histogram", help=f"{', '.join(OBSERVERS)} (default histogram)")
     ptq.add_argument(
@@ -489,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove the mean output shift of int8 weights, measured on the calibration data (default on)",
     )
     ptq.add_argument("--modules", default=None, help="comma-separated submodules to quantize (default: picked)")
-    ptq.add_argument("--max-batch-size", type=int, default=1024, metavar="N", help="largest batch the artifact takes")
+    ptq.add_argument(
+        "--max-batch-size", type=_at_least(2), default=1024, metavar="N", help="largest batch the artifact takes"
+    )
     ptq.add_argument("--out", default="quantized", metavar="DIR", help="output folder (default ./quantized)")
     ptq.add_argument("--threads", type=int, default=None)
     ptq.set_defaults(func=_ptq)

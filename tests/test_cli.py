@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,37 @@ def test_ptq_quantization_options_parse():
     assert (args.weight_granularity, args.bias_correction) == ("per_channel", True)
     args = build_parser().parse_args([*base, "--weight-granularity", "per_tensor", "--no-bias-correction"])
     assert (args.weight_granularity, args.bias_correction) == ("per_tensor", False)
+
+
+_PTQ_ARGS = ["ptq", "--model", MODEL, "--datamodule", DATA, "--ckpt", "x.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+        (["demo", "--qat-epochs", "-2"], "argument --qat-epochs: expected an integer >= 0, got -2"),
+        (["demo", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+        (["demo", "--train-subset", "0"], "argument --train-subset: expected an integer >= 1, got 0"),
+        (["demo", "--test-subset", "-4"], "argument --test-subset: expected an integer >= 1, got -4"),
+        (["demo", "--lr", "-1"], "argument --lr: expected a number > 0, got -1"),
+        (["demo", "--qat-lr-scale", "nan"], "argument --qat-lr-scale: expected a number > 0, got nan"),
+        (["demo", "--backends", ""], "argument --backends: expected one or more of x86, arm"),
+        (["demo", "--backends", "x86,x87"], "argument --backends: .*Did you mean 'x86'"),
+        ([*_PTQ_ARGS, "--calibration-samples", "0"], "argument --calibration-samples: expected an integer >= 1"),
+        ([*_PTQ_ARGS, "--max-batch-size", "1"], "argument --max-batch-size: expected an integer >= 2, got 1"),
+    ],
+)
+def test_bad_numbers_are_refused_by_flag_before_any_work(argv, match, capsys):
+    # the demo started training on all of Fashion-MNIST with each of these
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_demo_backends_take_aliases_once():
+    from lightning_quant.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).backends == ["x86", "arm"]
+    assert build_parser().parse_args(["demo", "--backends", "fbgemm, x86,qnnpack"]).backends == ["x86", "arm"]

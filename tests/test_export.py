@@ -647,3 +647,26 @@ def test_copies_and_pickles_of_a_loaded_artifact_load_the_file_again(request, ba
         assert isinstance(other, QuantizedArtifact) and other.runner is not art.runner
         torch.testing.assert_close(other(x), art(x), atol=0, rtol=0)
     art(nn.Parameter(x.detach()))
+
+
+class _EmbeddingGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(100, 32), nn.GRU(32, 32, batch_first=True), nn.Linear(32, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(ids))[0].mean(1))
+
+
+@pytest.mark.slow
+def test_arm_program_planned_for_the_capture_batch_only_is_named(tmp_path):
+    pytest.importorskip("executorch")
+    from lightning_quant._report import check_other_batch
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (8, 16))
+    q = quantize_ptq(_EmbeddingGRU().eval(), [ids], backend="arm")
+    save(q, tmp_path / "gru.pte")
+    # ExecuTorch 1.5 plans the (non-delegated) embedding's output for batch 8: at batch 1 it failed with "error 0x12"
+    with pytest.raises(ArtifactError, match=r"'self' \(gru.pte\) fails on a batch of 1 .*capture batch \(8\) only"):
+        check_other_batch(load(tmp_path / "gru.pte"), q, (ids,), {}, "self")
