@@ -243,13 +243,22 @@ def _batched(x: Any, batch: int) -> bool:
     return isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch
 
 
-def dynamic_shapes_for(args: tuple, kwargs: dict, max_batch_size: int) -> tuple[Any, Any]:
-    """One shared dynamic ``batch`` dim for dim 0 of every tensor whose dim 0 is the batch size; the rest static."""
+def dynamic_shapes_for(
+    args: tuple, kwargs: dict, max_batch_size: int, dynamic_dims: tuple[tuple[int, int], ...] | None = None
+) -> tuple[Any, Any]:
+    """One shared dynamic ``batch`` dim for dim 0 of every tensor whose dim 0 is the batch size; the rest static.
+
+    Except the ``dynamic_dims`` (``(dim, largest size)`` pairs) of those tensors, which export keeps dynamic where the
+    model allows it (``Dim.AUTO``: a dim the model fixes, such as a Linear's features, stays static).
+    """
     batch = batch_size_of((args, kwargs))
     dim = Dim("batch", min=1, max=max_batch_size)
+    others = [(d, Dim.AUTO(min=1, max=n)) for d, n in dynamic_dims or ()]
 
     def spec(x: Any) -> Any:
-        return {0: dim} if batch is not None and _batched(x, batch) else None
+        if batch is None or not _batched(x, batch):
+            return None
+        return {0: dim, **{d: auto for d, auto in others if d < x.ndim}}
 
     return tree_map(spec, args), tree_map(spec, kwargs)
 
@@ -333,17 +342,25 @@ def _binds(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def export(
-    module: nn.Module, args: tuple, kwargs: dict, *, max_batch_size: int, name: str, strict: bool = False
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    max_batch_size: int,
+    name: str,
+    strict: bool = False,
+    dynamic_dims: tuple[tuple[int, int], ...] | None = None,
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dim; failures become a :class:`CaptureError` naming ``name``."""
+    """``torch.export`` with a dynamic batch dim (and ``dynamic_dims``); failures: a :class:`CaptureError` naming it."""
     batch = batch_size_of((args, kwargs))
     if batch is not None and batch > max_batch_size:
         raise ValueError(
             f"Expected argument `max_batch_size` ({max_batch_size}) to be at least the batch size {name!r} is called "
             f"with ({batch}). Raise `max_batch_size` or use smaller batches."
         )
+    _check_dynamic_dims(args, kwargs, dynamic_dims, name)
     args, kwargs = widen_batch(args, kwargs)
-    dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size)
+    dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size, dynamic_dims)
     try:
         dynamic = _dynamic_by_name(module, dyn_args, dyn_kwargs)
         with autocast_off():
@@ -370,6 +387,32 @@ def export(
     if fold_zero_pads_into_convs(ep.graph):
         ep.graph_module.recompile()
     return ep
+
+
+def shape_mismatch(err: AssertionError, what: str) -> ValueError | None:
+    """The error for a call that fails a captured graph's shape guards (None if ``err`` is another assertion)."""
+    if "Guard failed" not in str(err):
+        return None
+    return ValueError(
+        f"{what} does not match the inputs it was captured with ({err}): every batch needs the first batch's shapes "
+        "apart from the batch size (and `dynamic_dims`), and its dtypes. For dimensions that vary, such as text "
+        "lengths, pass e.g. `dynamic_dims={1: 512}` (x86), or pad to one length in the dataloader's `collate_fn`."
+    )
+
+
+def _check_dynamic_dims(args: tuple, kwargs: dict, dynamic_dims: Any, name: str) -> None:
+    """The captured call's sizes must lie within ``dynamic_dims``; a size of 1 would be exported as fixed."""
+    batch = batch_size_of((args, kwargs))
+    for x in tree_flatten((args, kwargs))[0]:
+        if batch is None or not _batched(x, batch):
+            continue
+        for d, n in dynamic_dims or ():
+            if d < x.ndim and not 2 <= x.shape[d] <= n:
+                raise ValueError(
+                    f"Expected argument `dynamic_dims` ({{{d}: {n}}}) to hold the size {x.shape[d]} of dimension {d} "
+                    f"that {name!r} is called with (shape {list(x.shape)}): sizes from 2 to {n}. Raise the largest "
+                    "size, or capture from a batch whose size there is at least 2."
+                )
 
 
 _PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}

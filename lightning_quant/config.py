@@ -133,6 +133,31 @@ def expect_output_args(dirpath: Any, evaluate: Any, metric_suffix: Any) -> None:
         raise ValueError(f"Expected argument `metric_suffix` to be a non-empty string, but got {metric_suffix!r}.")
 
 
+def expect_dynamic_dims(value: Any) -> tuple[tuple[int, int], ...] | None:
+    """Normalise ``dynamic_dims=``: ``None``, or ``{dim: largest size}`` (dims >= 1; sizes >= 2) as sorted pairs."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple((d, n) for d, n in pairs)
+    except (TypeError, ValueError):
+        pairs = None
+    if not pairs or not all(type(d) is int and type(n) is int for d, n in pairs):
+        raise TypeError(
+            "Expected argument `dynamic_dims` to be None or a dict from a dimension to its largest size, e.g. "
+            f"{{1: 512}} for (batch, sequence) inputs, but got {value!r}."
+        )
+    for d, n in pairs:
+        if d < 1 or n < 2:
+            raise ValueError(
+                f"Expected argument `dynamic_dims` to map dimensions >= 1 (dimension 0 is the batch: see "
+                f"`max_batch_size`) to largest sizes >= 2, but got {d}: {n}."
+            )
+    if len({d for d, _ in pairs}) != len(pairs):
+        raise ValueError(f"Expected argument `dynamic_dims` to name each dimension once, but got {value!r}.")
+    return tuple(sorted(pairs))
+
+
 def expect_modules(value: Any) -> tuple[str, ...] | None:
     """Normalise ``modules=``: ``None`` (pick automatically), a dotted name, or a list of dotted names."""
     if value is None:
@@ -174,6 +199,10 @@ class QuantConfig:
         num_calibration_samples: how many samples PTQ calibrates on.
         calibration_data: ``"train"`` or ``"val"``: which dataloader PTQ calibrates on.
         max_batch_size: largest batch the exported artifact accepts (the batch dimension is dynamic up to it).
+        dynamic_dims: other dimensions that vary between batches, each with its largest size: ``{1: 512}`` lets a
+            text model take any sequence length from 2 to 512 in dimension 1 of its batched inputs. Every other
+            dimension is fixed at the first captured batch's size. A dimension the model fixes (channels, a Linear's
+            features) stays fixed. x86 only.
         weight_granularity: ``"per_channel"`` (default: one scale per output channel) or ``"per_tensor"`` (one scale
             per weight tensor, for hardware that needs it; usually less accurate on depthwise nets).
         bias_correction: PTQ only: subtract from each conv/linear bias the mean output shift that rounding its weight
@@ -192,6 +221,7 @@ class QuantConfig:
     max_batch_size: int = 1024
     weight_granularity: str = "per_channel"
     bias_correction: bool = True
+    dynamic_dims: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", resolve_backend(self.backend).name)
@@ -210,6 +240,13 @@ class QuantConfig:
         if not isinstance(self.bias_correction, bool):
             raise TypeError(
                 f"Expected argument `bias_correction` to be True or False, but got {self.bias_correction!r}."
+            )
+        object.__setattr__(self, "dynamic_dims", expect_dynamic_dims(self.dynamic_dims))
+        if self.dynamic_dims and self.backend == "arm":
+            raise ValueError(
+                "Expected argument `dynamic_dims` to be None with backend='arm': ExecuTorch's XNNPACK lowering takes "
+                "one dynamic dimension per reshape (the batch), and refuses a Linear or Conv1d over a dynamic sequence "
+                "beside it. Pad to one length for 'arm', or use backend='x86'."
             )
         if self.max_batch_size < 2:
             raise ValueError(

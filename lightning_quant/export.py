@@ -104,20 +104,44 @@ def float_size_bytes(module: nn.Module) -> int:
     return buf.tell()
 
 
-def _input_spec(args: tuple, kwargs: dict) -> list[dict[str, Any]]:
-    """One entry per flattened input: its name (``x``, ``args[0]``, ``mask``...) and shape/dtype, or its constant."""
+def _symbolic_dims(ep: torch.export.ExportedProgram, n_inputs: int) -> list[dict[int, str]] | None:
+    """For each flattened user input of ``ep``, its dynamic dims and their symbols (None if the inputs do not line up).
+
+    Inputs sharing a symbol must share that size at run time (the runtimes do not check it).
+    """
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    dims = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            val = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
+            shape = val.shape if isinstance(val, torch.Tensor) else ()
+            dims.append({i: str(d) for i, d in enumerate(shape) if not isinstance(d, int)})
+    return dims if len(dims) == n_inputs else None
+
+
+def _input_spec(args: tuple, kwargs: dict, ep: torch.export.ExportedProgram | None = None) -> list[dict[str, Any]]:
+    """One entry per flattened input: its name (``x``, ``args[0]``, ``mask``...), shape and dtype, or its constant.
+
+    A shape holds None where ``ep`` (the exported program) has a dynamic dim (without ``ep``: at dim 0).
+    """
     from torch.utils._pytree import keystr, tree_flatten_with_path
 
     spec = []
-    for path, x in tree_flatten_with_path((args, kwargs))[0]:
+    leaves = tree_flatten_with_path((args, kwargs))[0]
+    symbolic = _symbolic_dims(ep, len(leaves)) if ep is not None else None
+    for k, (path, x) in enumerate(leaves):
         where = keystr(path[1:])
         name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"").replace("']['", ".")
         if isinstance(x, torch.Tensor):
+            dynamic = symbolic[k] if symbolic is not None else {0: "batch"} if x.ndim else {}
             spec.append(
                 {
                     "name": name,
-                    "shape": [None, *x.shape[1:]] if x.ndim else [],
+                    "shape": [None if i in dynamic else d for i, d in enumerate(x.shape)],
                     "dtype": str(x.dtype).replace("torch.", ""),
+                    **({"dynamic": {str(i): s for i, s in dynamic.items()}} if dynamic else {}),
                 }
             )
         else:
@@ -258,8 +282,9 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
 # Keys ``save`` writes into the sidecar itself; ``metadata`` may add others (and ``metrics``).
 _SIDECAR_KEYS = (
     "format", "backend", "artifact", "file", "sha256", "size_bytes", "contains_native_code", "submodule", "inputs",
-    "in_spec", "out_spec", "max_batch_size", "num_calibration_samples", "observer", "weight_granularity",
-    "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops", "parity_max_abs_diff",
+    "in_spec", "out_spec", "max_batch_size", "dynamic_dims", "num_calibration_samples", "observer",
+    "weight_granularity", "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops",
+    "parity_max_abs_diff",
 )  # fmt: skip
 
 
@@ -368,7 +393,14 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         fold_pads_into_depthwise_qconvs(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)
-    ep = capture_export(quantized, args, kwargs, max_batch_size=info["max_batch_size"], name=info["name"])
+    ep = capture_export(
+        quantized,
+        args,
+        kwargs,
+        max_batch_size=info["max_batch_size"],
+        name=info["name"],
+        dynamic_dims=info.get("dynamic_dims"),
+    )
     extra: dict[str, Any] = {}
     with atomic_path(path) as tmp:
         if backend.name == "x86":
@@ -393,10 +425,11 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             "size_bytes": size,
             "contains_native_code": backend.name == "x86",
             "submodule": info["name"],
-            "inputs": _input_spec(args, kwargs),
+            "inputs": _input_spec(args, kwargs, ep),
             "in_spec": treespec_dumps(ep.call_spec.in_spec),
             "out_spec": treespec_dumps(ep.call_spec.out_spec),
             "max_batch_size": info["max_batch_size"],
+            "dynamic_dims": [list(p) for p in info.get("dynamic_dims") or ()],
             "num_calibration_samples": info.get("num_calibration_samples"),
             "observer": info.get("observer"),
             "weight_granularity": info.get("weight_granularity", "per_channel"),
@@ -439,7 +472,13 @@ def _reload_parity(path: Path, sidecar: dict, reference: nn.Module, args: tuple,
 def serialize(quantized: torch.fx.GraphModule) -> tuple[bytes, bytes]:
     """An in-process int8 model as bytes (its ``torch.export`` program, its capture details), to send to other ranks."""
     info = quantized.meta[META_KEY]
-    ep = capture_export(quantized, *info["example_inputs"], max_batch_size=info["max_batch_size"], name=info["name"])
+    ep = capture_export(
+        quantized,
+        *info["example_inputs"],
+        max_batch_size=info["max_batch_size"],
+        name=info["name"],
+        dynamic_dims=info.get("dynamic_dims"),
+    )
     program, meta = io.BytesIO(), io.BytesIO()
     torch.export.save(ep, program)
     torch.save(info, meta)
@@ -559,7 +598,8 @@ class QuantizedArtifact(nn.Module):
         spec = self.sidecar["inputs"]
         if len(leaves) != len(spec):
             raise ValueError(f"{self.path.name} expects {len(spec)} inputs, but got {len(leaves)}.")
-        batches: dict[str, int] = {}
+        sizes: dict[str, dict[str, int]] = {}  # symbol -> input name -> its size there
+        dim_of: dict[str, int] = {}
         for i, (x, s) in enumerate(zip(leaves, spec)):
             if "constant" in s:
                 if repr(x) != s["constant"]:
@@ -581,27 +621,40 @@ class QuantizedArtifact(nn.Module):
             shape = list(x.shape)
             want = s["shape"]
             if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
-                pad = " (only the batch dimension is dynamic)" if len(shape) > 1 else ""
+                fixed = [j for j, w in enumerate(want) if w is not None]
+                pad = f" (dims {fixed} are fixed: see `dynamic_dims`)" if len(shape) > 1 and fixed else ""
                 raise ValueError(
-                    f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch), got "
-                    f"{shape}{pad}."
+                    f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch or a dynamic "
+                    f"dim), got {shape}{pad}."
                 )
             if str(x.dtype).replace("torch.", "") != s["dtype"]:
                 raise TypeError(
                     f"{self.path.name}: input `{s.get('name', i)}` must be {s['dtype']}, but got {x.dtype}."
                 )
-            if want and want[0] is None:
-                batches[s.get("name", str(i))] = x.shape[0]
-            if want and x.shape[0] > self.sidecar["max_batch_size"]:
+            dynamic = s.get("dynamic") or ({"0": "batch"} if want and want[0] is None else {})  # older sidecars
+            for d, symbol in dynamic.items():
+                sizes.setdefault(symbol, {})[s.get("name", str(i))] = x.shape[int(d)]
+                dim_of[symbol] = int(d)
+            if want and want[0] is None and x.shape[0] > self.sidecar["max_batch_size"]:
                 raise ValueError(
                     f"{self.path.name}: batch {x.shape[0]} exceeds the exported max_batch_size "
                     f"{self.sidecar['max_batch_size']}; split the batch or export with a larger `max_batch_size`."
                 )
-        if len(set(batches.values())) > 1:  # one batch dim was exported for them all; the x86 runtime does not check
-            sizes = ", ".join(f"`{k}` {v}" for k, v in batches.items())
-            raise ValueError(f"{self.path.name}: the batched inputs must share one batch size, but got {sizes}.")
-        if 0 in batches.values() and self.backend == "arm":
-            raise ValueError(f"{self.path.name}: batch 0 is empty; the arm runtime (XNNPACK) needs at least 1 sample.")
+        largest = {d: n for d, n in self.sidecar.get("dynamic_dims") or ()}
+        for symbol, by_name in sizes.items():  # inputs exported with one size there; the x86 runtime does not check
+            d, listed = dim_of[symbol], ", ".join(f"`{k}` {v}" for k, v in by_name.items())
+            if len(set(by_name.values())) > 1:
+                what = "one batch size" if d == 0 else f"one size in dim {d} (exported as one dynamic size)"
+                raise ValueError(f"{self.path.name}: the inputs must share {what}, but got {listed}.")
+            n = next(iter(by_name.values()))
+            if d > 0 and d in largest and not 2 <= n <= largest[d]:
+                raise ValueError(
+                    f"{self.path.name}: dim {d} takes sizes from 2 to {largest[d]} (`dynamic_dims`), but got {listed}."
+                )
+            if d == 0 and n == 0 and self.backend == "arm":
+                raise ValueError(
+                    f"{self.path.name}: batch 0 is empty; the arm runtime (XNNPACK) needs at least 1 sample."
+                )
 
     def _missing_keywords(self, kwargs: dict[str, Any]) -> None:
         missing = [k for k in self._kwarg_names if k not in kwargs]

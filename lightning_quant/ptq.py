@@ -51,6 +51,8 @@ class PTQCallback(QuantResults, Callback):
             causes, measured on the calibration data (default on; ``False`` gives plain round-to-nearest weights).
         evaluate: run ``validation_step`` with the int8 artifact and log ``<metric><metric_suffix>``.
         metric_suffix: appended to your metric names for the int8 results.
+        dynamic_dims: other dimensions of the batched inputs that vary, each with its largest size: ``{1: 512}`` for
+            text of 2 to 512 tokens in dimension 1 (x86 only). Every other dimension is fixed at the first batch's size.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -78,6 +80,7 @@ class PTQCallback(QuantResults, Callback):
         bias_correction: bool = True,
         evaluate: bool = True,
         metric_suffix: str = "_int8",
+        dynamic_dims: dict[int, int] | None = None,
     ) -> None:
         self.config = QuantConfig(
             backend=backend,
@@ -88,6 +91,7 @@ class PTQCallback(QuantResults, Callback):
             max_batch_size=max_batch_size,
             weight_granularity=weight_granularity,
             bias_correction=bias_correction,
+            dynamic_dims=dynamic_dims,
         )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)

@@ -61,6 +61,8 @@ class QATCallback(QuantResults, Callback):
         export: write the int8 artifact when ``fit`` ends.
         evaluate: run ``validation_step`` with the int8 artifact and log ``<metric><metric_suffix>``.
         metric_suffix: appended to your metric names for the int8 results.
+        dynamic_dims: other dimensions of the batched inputs that vary, each with its largest size: ``{1: 512}`` for
+            text of 2 to 512 tokens in dimension 1 (x86 only). Every other dimension is fixed at the first batch's size.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -88,9 +90,14 @@ class QATCallback(QuantResults, Callback):
         export: bool = True,
         evaluate: bool = True,
         metric_suffix: str = "_int8",
+        dynamic_dims: dict[int, int] | None = None,
     ) -> None:
         self.config = QuantConfig(
-            backend=backend, modules=modules, max_batch_size=max_batch_size, weight_granularity=weight_granularity
+            backend=backend,
+            modules=modules,
+            max_batch_size=max_batch_size,
+            weight_granularity=weight_granularity,
+            dynamic_dims=dynamic_dims,
         )
         if self.config.backend == "arm":
             _torchao.require_executorch(backend)
@@ -380,6 +387,7 @@ class QATCallback(QuantResults, Callback):
             "backend": self.config.backend,
             "weight_granularity": self.config.weight_granularity,
             "max_batch_size": self.config.max_batch_size,
+            "dynamic_dims": self.config.dynamic_dims,
             "start_epoch": self.start_epoch,
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
@@ -550,6 +558,7 @@ def _states_from_graphs(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
                 "targets": [SELF if name == ROUTE_ATTR else name],
                 "weight_granularity": extra.get("weight_granularity", "per_channel"),
                 "max_batch_size": extra.get("max_batch_size", 1024),
+                "dynamic_dims": extra.get("dynamic_dims"),
             }
         )
     return states
@@ -657,6 +666,7 @@ def load_qat_checkpoint(
             modules=state.get("targets") or None,
             weight_granularity=state.get("weight_granularity", "per_channel"),
             max_batch_size=state.get("max_batch_size", 1024),
+            dynamic_dims=state.get("dynamic_dims"),
         ).attach(model)
     model.load_state_dict(checkpoint["state_dict"])
     return model

@@ -24,7 +24,15 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _fast_qat, _torchao
-from lightning_quant.capture import SELF, CallNormalizer, detach_inputs, export, graph_to_cpu, retarget_devices
+from lightning_quant.capture import (
+    SELF,
+    CallNormalizer,
+    detach_inputs,
+    export,
+    graph_to_cpu,
+    retarget_devices,
+    shape_mismatch,
+)
 from lightning_quant.config import QuantConfig, QuantizationError
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
 
@@ -303,7 +311,13 @@ class QATGraph(nn.Module):
             _affine_batch_norms(shell)
             live = detach_inputs(args, kwargs, device=device)
             try:
-                ep = export(shell, *live, max_batch_size=self.config.max_batch_size, name=self.name)
+                ep = export(
+                    shell,
+                    *live,
+                    max_batch_size=self.config.max_batch_size,
+                    name=self.name,
+                    dynamic_dims=self.config.dynamic_dims,
+                )
             except QuantizationError as err:
                 _refuse_cumulative_batch_norm(module, self.name, err)
                 raise
@@ -387,6 +401,7 @@ class QATGraph(nn.Module):
             "backend": self.config.backend,
             "weight_granularity": self.config.weight_granularity,
             "max_batch_size": self.config.max_batch_size,
+            "dynamic_dims": self.config.dynamic_dims,
             "keep_eval": sorted(self._keep_eval),
         }
 
@@ -438,16 +453,22 @@ class QATGraph(nn.Module):
             self.capture(args, kwargs)
         self._sync()
         args, kwargs = self._normalize(args, kwargs)
-        if self.training:
-            self.training_calls += 1
-            if self._example_from_checkpoint:
-                self._refresh_example(args, kwargs)
-            return self.gm(*args, **kwargs)
-        # The captured training graph counts BatchNorm's batches whatever its mode; a float BatchNorm in eval mode
-        # does not (validation, and the sanity check on resume, would move the count).
-        counters = [b for n, b in self.gm.named_buffers() if n.endswith("num_batches_tracked")]
-        saved = [c.clone() for c in counters]
-        out = self.gm(*args, **kwargs)
+        try:
+            if self.training:
+                self.training_calls += 1
+                if self._example_from_checkpoint:
+                    self._refresh_example(args, kwargs)
+                return self.gm(*args, **kwargs)
+            # The captured training graph counts BatchNorm's batches whatever its mode; a float BatchNorm in eval
+            # mode does not (validation, and the sanity check on resume, would move the count).
+            counters = [b for n, b in self.gm.named_buffers() if n.endswith("num_batches_tracked")]
+            saved = [c.clone() for c in counters]
+            out = self.gm(*args, **kwargs)
+        except AssertionError as err:  # the captured graph's shape guards
+            mismatch = shape_mismatch(err, f"A {'training' if self.training else 'evaluation'} call of {self.name!r}")
+            if mismatch is None:
+                raise
+            raise mismatch from None
         for c, before in zip(counters, saved):
             c.copy_(before)
         return out
@@ -477,6 +498,7 @@ class QATGraph(nn.Module):
             "backend": self.config.backend,
             "example_inputs": detach_inputs(args, kwargs),
             "max_batch_size": self.config.max_batch_size,
+            "dynamic_dims": self.config.dynamic_dims,
             "num_calibration_samples": None,
             "observer": "qat",
             "weight_granularity": self.config.weight_granularity,

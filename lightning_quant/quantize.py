@@ -26,6 +26,7 @@ from lightning_quant.capture import (
     detach_inputs,
     export,
     is_zero_pad,
+    shape_mismatch,
 )
 from lightning_quant.config import QuantConfig, QuantizationError
 
@@ -297,7 +298,11 @@ class CalibrationGraph(nn.Module):
             self.example_inputs = detach_inputs(args, kwargs)
             self._normalize = CallNormalizer(self._snapshot[0], args, kwargs)
             ep = export(
-                self._snapshot[0], *self.example_inputs, max_batch_size=self.config.max_batch_size, name=self.name
+                self._snapshot[0],
+                *self.example_inputs,
+                max_batch_size=self.config.max_batch_size,
+                name=self.name,
+                dynamic_dims=self.config.dynamic_dims,
             )
             quantizer = _torchao.get_quantizer(
                 self.config.backend, observer=self.config.observer, per_channel=self.config.per_channel
@@ -316,13 +321,10 @@ class CalibrationGraph(nn.Module):
         try:
             return self.prepared(*args, **kwargs)
         except AssertionError as err:  # the captured graph's shape guards
-            if "Guard failed" not in str(err):
+            mismatch = shape_mismatch(err, f"Calibration batch {self.num_batches} of {self.name!r}")
+            if mismatch is None:
                 raise
-            raise ValueError(
-                f"Calibration batch {self.num_batches} of {self.name!r} does not match the inputs it was captured with "
-                f"({err}): every batch needs the first batch's shapes apart from the batch size, and its dtypes (only "
-                "the batch dimension is dynamic: e.g. pad text to one fixed length in the dataloader's `collate_fn`)."
-            ) from None
+            raise mismatch from None
         except RuntimeError as err:  # the histogram observer's range of a tensor holding NaN or +-inf
             if "not finite" not in str(err):
                 raise
@@ -355,6 +357,7 @@ class CalibrationGraph(nn.Module):
             "backend": self.config.backend,
             "example_inputs": self.example_inputs,
             "max_batch_size": self.config.max_batch_size,
+            "dynamic_dims": self.config.dynamic_dims,
             "num_calibration_samples": self.num_samples,
             "observer": self.config.observer,
             "weight_granularity": self.config.weight_granularity,
@@ -374,6 +377,7 @@ def quantize_ptq(
     max_batch_size: int = 1024,
     bias_correction: bool = True,
     input_fn: Callable[[Any], Any] | None = None,
+    dynamic_dims: dict[int, int] | None = None,
 ) -> torch.fx.GraphModule:
     """Post-training int8 quantization of ``model`` in a plain PyTorch program (no Trainer needed).
 
@@ -392,6 +396,8 @@ def quantize_ptq(
         bias_correction: subtract from each conv/linear bias the mean output shift that rounding its weight to int8
             causes on the calibration data.
         input_fn: maps a dataloader item to model inputs, e.g. ``lambda batch: batch[0]`` for ``(x, y)`` batches.
+        dynamic_dims: other dimensions of the batched inputs that vary, each with its largest size: ``{1: 512}`` for
+            text of 2 to 512 tokens in dimension 1 (x86 only). Every other dimension is fixed at the first batch's size.
 
     Raises:
         ValueError: bad arguments, or ``calibration_data`` yields nothing.
@@ -414,6 +420,7 @@ def quantize_ptq(
         max_batch_size=max_batch_size,
         weight_granularity=weight_granularity,
         bias_correction=bias_correction,
+        dynamic_dims=dynamic_dims,
     )
     if isinstance(calibration_data, torch.Tensor):
         raise TypeError(
