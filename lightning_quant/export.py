@@ -118,7 +118,16 @@ def _symbolic_dims(ep: torch.export.ExportedProgram, n_inputs: int) -> list[dict
             val = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
             shape = val.shape if isinstance(val, torch.Tensor) else ()
             dims.append({i: str(d) for i, d in enumerate(shape) if not isinstance(d, int)})
-    return dims if len(dims) == n_inputs else None
+    if len(dims) != n_inputs:
+        return None
+    names: dict[str, str] = {}  # export's symbols ("s77") -> stable names: "batch", "dim1", "dim1_2"...
+    for found in dims:
+        for i, symbol in found.items():
+            if symbol not in names:
+                base = "batch" if i == 0 else f"dim{i}"
+                taken = sum(1 for n in names.values() if n == base or n.startswith(base + "_"))
+                names[symbol] = base if not taken else f"{base}_{taken + 1}"
+    return [{i: names[s] for i, s in found.items()} for found in dims]
 
 
 def _input_spec(args: tuple, kwargs: dict, ep: torch.export.ExportedProgram | None = None) -> list[dict[str, Any]]:

@@ -84,7 +84,7 @@ def test_x86_artifact_takes_any_length_up_to_the_largest(tmp_path):
     save(q, tmp_path / "text.pt2")
     inputs = json.loads(Path(str(tmp_path / "text.pt2") + ".json").read_text())["inputs"]
     assert [s["shape"] for s in inputs] == [[None, None], [None, None]]
-    assert inputs[0]["dynamic"] == inputs[1]["dynamic"]  # ids and mask: one batch size, one length
+    assert inputs[0]["dynamic"] == inputs[1]["dynamic"] == {"0": "batch", "1": "dim1"}  # one batch, one length
     art = load(tmp_path / "text.pt2")
     for batch, length in [(3, 5), (1, 17), (4, 32)]:
         ids, mask = _batch(batch, length, seed=100 + length)

@@ -216,7 +216,9 @@ def test_sidecar(request, backend):
     assert on_disk["file"] == art.path.name
     assert on_disk["sha256"] == hashlib.sha256(art.path.read_bytes()).hexdigest()
     assert on_disk["size_bytes"] == art.path.stat().st_size
-    assert on_disk["inputs"] == [{"name": "args[0]", "shape": [None, 1, 28, 28], "dtype": "float32"}]
+    assert on_disk["inputs"] == [
+        {"name": "args[0]", "shape": [None, 1, 28, 28], "dtype": "float32", "dynamic": {"0": "batch"}}
+    ]
     assert on_disk["max_batch_size"] == MAX_BATCH
     assert on_disk["num_calibration_samples"] == 64
     assert (on_disk["observer"], on_disk["weight_granularity"]) == ("histogram", "per_channel")
@@ -327,8 +329,8 @@ def test_load_wrong_backend(x86_artifact):
         (
             (torch.randn(2, 1, 27, 28),),
             ValueError,
-            r"input `args\[0\]` must have shape \[None, 1, 28, 28\] \(None = batch\), got \[2, 1, 27, 28\] "
-            r"\(only the batch dimension is dynamic\)",
+            r"input `args\[0\]` must have shape \[None, 1, 28, 28\] \(None = batch or a dynamic dim\), "
+            r"got \[2, 1, 27, 28\] \(dims \[1, 2, 3\] are fixed: see `dynamic_dims`\)",
         ),
         ((torch.randn(1, 28, 28),), ValueError, r"must have shape \[None, 1, 28, 28\]"),
         (
@@ -523,9 +525,9 @@ def test_kwargs_model_round_trip(kwargs_artifact):
     ref = kwargs_artifact.q(x=x, scale=0.5, mask=mask)
     art = kwargs_artifact.loaded
     assert json.loads(Path(str(kwargs_artifact.path) + ".json").read_text())["inputs"] == [
-        {"name": "x", "shape": [None, 16], "dtype": "float32"},
+        {"name": "x", "shape": [None, 16], "dtype": "float32", "dynamic": {"0": "batch"}},
         {"name": "scale", "constant": "0.5"},
-        {"name": "mask", "shape": [None, 4], "dtype": "float32"},
+        {"name": "mask", "shape": [None, 4], "dtype": "float32", "dynamic": {"0": "batch"}},
     ]
     # AOTInductor vs the reference graph, as above: atol=1e-4
     torch.testing.assert_close(art(x=x, scale=0.5, mask=mask), ref, atol=1e-4, rtol=0)
