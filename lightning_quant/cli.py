@@ -325,19 +325,32 @@ def _number(v: Any, spec: str) -> str:
     return format(v, spec) if _is_number(v) else str(v)
 
 
+def _dim_letter(name: Any, k: int) -> str:
+    """``N`` for the batch, ``L<dim>`` for another dynamic dim (``dim1_2`` -> ``L1_2``)."""
+    if name is None or name == "batch" or k == 0:
+        return "N"
+    return "L" + str(name).removeprefix("dim")
+
+
 def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     def kib(n: Any) -> str:
         return f"{n / 1024:.1f} KiB" if _is_number(n) else "?"
 
+    def dims(i: dict) -> str:  # N: the batch; L1, L1_2...: other dynamic dims (as named in the sidecar)
+        named = i.get("dynamic") or {}
+        return ", ".join(
+            str(d) if d is not None else _dim_letter(named.get(str(k)), k) for k, d in enumerate(i["shape"])
+        )
+
     try:
         inputs = ", ".join(
-            f"{i['name']}: {i['constant']}"
-            if "constant" in i
-            else f"{i['name']}: {i['dtype']}[{', '.join('N' if d is None else str(d) for d in i['shape'])}]"
+            f"{i['name']}: {i['constant']}" if "constant" in i else f"{i['name']}: {i['dtype']}[{dims(i)}]"
             for i in sc.get("inputs", [])
         )
-    except (TypeError, KeyError):  # a hand-edited sidecar: as written (`load` refuses it)
+    except (TypeError, KeyError, AttributeError):  # a hand-edited sidecar: as written (`load` refuses it)
         inputs = str(sc.get("inputs"))
+    limits = [f"N <= {sc.get('max_batch_size')}"]
+    limits += [f"L{d} <= {n}" for d, n in sc.get("dynamic_dims") or () if isinstance(d, int)]
     size, fp32 = sc.get("size_bytes"), sc.get("fp32_size_bytes")
     sized = _is_number(size) and _is_number(fp32) and fp32
     ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if sized else ""
@@ -350,7 +363,7 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
         ("method", f"{sc.get('method', '?')}, submodule {sc.get('submodule', '?')!r}"),
         ("size", f"{kib(size)}{ratio}"),
         ("sha256", f"{sc['sha256'][:16]}... ({'matches the file' if sha_ok else 'DOES NOT match the file'})"),
-        ("inputs", f"{inputs} (N <= {sc.get('max_batch_size')})"),
+        ("inputs", f"{inputs} ({', '.join(limits)})"),
         (
             ("calibration", "none: quantization-aware training (QAT)")
             if sc.get("observer") == "qat"

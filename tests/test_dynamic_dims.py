@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_quant import PTQCallback, QATCallback, load, quantize_ptq, save
 from lightning_quant.capture import export
+from lightning_quant.cli import main
 from lightning_quant.config import QuantConfig
 
 
@@ -76,7 +77,7 @@ def test_export_keeps_the_dims_the_model_fixes_static():
 
 
 @pytest.mark.slow
-def test_x86_artifact_takes_any_length_up_to_the_largest(tmp_path):
+def test_x86_artifact_takes_any_length_up_to_the_largest(tmp_path, capsys):
     torch.manual_seed(0)
     model = TextCNN().eval()
     calib = [_batch(8, n, seed=n) for n in (12, 20, 7, 16)]  # padded per batch: another length in each
@@ -85,6 +86,8 @@ def test_x86_artifact_takes_any_length_up_to_the_largest(tmp_path):
     inputs = json.loads(Path(str(tmp_path / "text.pt2") + ".json").read_text())["inputs"]
     assert [s["shape"] for s in inputs] == [[None, None], [None, None]]
     assert inputs[0]["dynamic"] == inputs[1]["dynamic"] == {"0": "batch", "1": "dim1"}  # one batch, one length
+    assert main(["inspect", str(tmp_path / "text.pt2")]) == 0
+    assert "args[0]: int64[N, L1], args[1]: float32[N, L1] (N <= 1024, L1 <= 32)" in capsys.readouterr().out
     art = load(tmp_path / "text.pt2")
     for batch, length in [(3, 5), (1, 17), (4, 32)]:
         ids, mask = _batch(batch, length, seed=100 + length)
