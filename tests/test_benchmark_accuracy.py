@@ -74,6 +74,9 @@ def test_quick_run_writes_results(tmp_path):
     assert all(r["bias_correction"] and r["bias_corrected_layers"] > 0 for r in en["ptq"])  # the default
     floor = en["fp32"]["noise_floor"]["agreement"]
     assert len(floor) == 3 and all(0.0 <= a <= 1.0 for a in floor)
+    limits = en["limits"]  # what limits the default: the int8 input alone, the int8 weights alone
+    assert 0.0 <= limits["input_int8_only"] <= 1.0 and 0.0 <= limits["weights_int8_only"] <= 1.0
+    assert limits["activation_pairs"] > 10 and limits["input_scale"] > 0
 
     # figures present and in [0, 1]; the int8 artifacts are not broken (far above chance where fp32 is)
     figures = _figures(results)
@@ -91,7 +94,14 @@ def test_quick_run_writes_results(tmp_path):
     # the markdown on disk is render_markdown(JSON), and it holds the comparison and every table
     md = (tmp_path / "accuracy.md").read_text()
     assert md == _load_module().render_markdown(results)
-    for text in ("Beside the source's table", "MobileNet v2 1.4", "Inception v3", "TensorFlow Lite", "## Targets"):
+    for text in (
+        "Beside the source's table",
+        "MobileNet v2 1.4",
+        "Inception v3",
+        "TensorFlow Lite",
+        "## Targets",
+        "the int8 weights alone",
+    ):
         assert text in md
     assert md.count("| PTQ |") == len(ptq) and "| resnet |" in md
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
