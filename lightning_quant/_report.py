@@ -95,11 +95,12 @@ def check_other_batch(art: Any, q: nn.Module, args: tuple, kwargs: dict, name: s
         want = q(*args1, **kwargs1)
         try:
             got = art(*args1, **kwargs1)
-        except RuntimeError as err:  # e.g. ExecuTorch: "Attempted to resize a static tensor" in a non-delegated op
+        except (RuntimeError, ValueError) as err:  # ExecuTorch planned a static batch; the sidecar records it so
             raise export.ArtifactError(
-                f"The exported artifact for {name!r} ({art.path.name}) fails on a batch of 1 ({first_line(err)}): its "
-                f"runtime planned some tensors for the capture batch ({batch}) only. Export it for another backend, or "
-                f"always call it with batches of {batch}; please report this with the model's structure."
+                f"The exported artifact for {name!r} ({art.path.name}) fails on a batch of 1 ({first_line(err)}), "
+                f"where the in-process int8 model runs: its runtime holds some tensors at the capture batch ({batch}) "
+                f"only (ExecuTorch plans memory ahead). Export it for the other backend, or always call it with "
+                f"batches of {batch}; please report this with the model's structure."
             ) from err
     if _shapes(got) != _shapes(want):
         raise export.ArtifactError(

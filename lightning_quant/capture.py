@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -253,7 +254,7 @@ def dynamic_shapes_for(
     """
     batch = batch_size_of((args, kwargs))
     dim = Dim("batch", min=1, max=max_batch_size)
-    others = [(d, Dim.AUTO(min=1, max=n)) for d, n in dynamic_dims or ()]
+    others = [(d, Dim.AUTO) for d, _ in dynamic_dims or ()]  # bounded after export, where they stay dynamic
 
     def spec(x: Any) -> Any:
         if batch is None or not _batched(x, batch):
@@ -358,7 +359,6 @@ def export(
             f"Expected argument `max_batch_size` ({max_batch_size}) to be at least the batch size {name!r} is called "
             f"with ({batch}). Raise `max_batch_size` or use smaller batches."
         )
-    _check_dynamic_dims(args, kwargs, dynamic_dims, name)
     args, kwargs = widen_batch(args, kwargs)
     dyn_args, dyn_kwargs = dynamic_shapes_for(args, kwargs, max_batch_size, dynamic_dims)
     try:
@@ -382,6 +382,7 @@ def export(
             f"torch.export could not capture {name!r} ({type(module).__name__}) for quantization: "
             f"{type(err).__name__}: {reason[:500]}. {advice}"
         ) from err
+    _check_dynamic_dims(ep, args, kwargs, dynamic_dims, name)
     split_module_call_sites(ep.graph)
     relabel_layer_subclasses(ep.graph, module)
     if fold_zero_pads_into_convs(ep.graph):
@@ -400,19 +401,56 @@ def shape_mismatch(err: AssertionError, what: str) -> ValueError | None:
     )
 
 
-def _check_dynamic_dims(args: tuple, kwargs: dict, dynamic_dims: Any, name: str) -> None:
-    """The captured call's sizes must lie within ``dynamic_dims``; a size of 1 would be exported as fixed."""
-    batch = batch_size_of((args, kwargs))
-    for x in tree_flatten((args, kwargs))[0]:
-        if batch is None or not _batched(x, batch):
-            continue
-        for d, n in dynamic_dims or ():
-            if d < x.ndim and not 2 <= x.shape[d] <= n:
+def input_symbols(ep: torch.export.ExportedProgram) -> list[dict[int, str]]:
+    """For each user input of ``ep`` (in the flattened call's order), its dynamic dims and their symbols.
+
+    A dim export specialised (a Linear's features under ``Dim.AUTO``) is a constant, not dynamic.
+    """
+    from torch.export.graph_signature import InputKind, TensorArgument
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    found = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            val = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
+            shape = val.shape if isinstance(val, torch.Tensor) else ()
+            found.append({i: str(d) for i, d in enumerate(shape) if not is_concrete_int(d)})
+    return found
+
+
+def _check_dynamic_dims(
+    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, dynamic_dims: Any, name: str
+) -> None:
+    """Check the captured call's sizes in the dims that stayed dynamic against ``dynamic_dims``.
+
+    Warns about a listed dim that stayed dynamic nowhere (the model fixes it, or the captured batch had size 1 there).
+    """
+    if not dynamic_dims:
+        return
+    leaves = tree_flatten((args, kwargs))[0]
+    symbols = input_symbols(ep)
+    if len(symbols) != len(leaves):
+        return
+    largest = dict(dynamic_dims)
+    kept = set()
+    for x, dims in zip(leaves, symbols):
+        for d in dims:
+            if d == 0 or d not in largest:
+                continue
+            kept.add(d)
+            if not 2 <= x.shape[d] <= largest[d]:
                 raise ValueError(
-                    f"Expected argument `dynamic_dims` ({{{d}: {n}}}) to hold the size {x.shape[d]} of dimension {d} "
-                    f"that {name!r} is called with (shape {list(x.shape)}): sizes from 2 to {n}. Raise the largest "
-                    "size, or capture from a batch whose size there is at least 2."
+                    f"Expected argument `dynamic_dims` ({{{d}: {largest[d]}}}) to hold the size {x.shape[d]} of "
+                    f"dimension {d} that {name!r} is called with (shape {list(x.shape)}): sizes from 2 to "
+                    f"{largest[d]}. Raise the largest size."
                 )
+    for d in sorted(set(largest) - kept):
+        warnings.warn(
+            f"`dynamic_dims` names dimension {d}, but no input of {name!r} kept it dynamic: the model fixes it (a "
+            "Linear's features, a reshape to a constant), or the first batch had size 1 there. It is exported fixed.",
+            stacklevel=3,
+        )
 
 
 _PADS = {torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default}

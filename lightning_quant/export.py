@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
-from lightning_quant.capture import ROUTE_ATTR
+from lightning_quant.capture import ROUTE_ATTR, input_symbols
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
 from lightning_quant.quantize import (
@@ -105,19 +105,12 @@ def float_size_bytes(module: nn.Module) -> int:
 
 
 def _symbolic_dims(ep: torch.export.ExportedProgram, n_inputs: int) -> list[dict[int, str]] | None:
-    """For each flattened user input of ``ep``, its dynamic dims and their symbols (None if the inputs do not line up).
+    """For each flattened user input of ``ep``, its dynamic dims named ``batch``, ``dim1``, ``dim1_2``...
 
-    Inputs sharing a symbol must share that size at run time (the runtimes do not check it).
+    None if the inputs do not line up. Inputs sharing a name must share that size at run time (the runtimes do not
+    check it).
     """
-    from torch.export.graph_signature import InputKind, TensorArgument
-
-    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
-    dims = []
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            val = vals.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
-            shape = val.shape if isinstance(val, torch.Tensor) else ()
-            dims.append({i: str(d) for i, d in enumerate(shape) if not isinstance(d, int)})
+    dims = input_symbols(ep)
     if len(dims) != n_inputs:
         return None
     names: dict[str, str] = {}  # export's symbols ("s77") -> stable names: "batch", "dim1", "dim1_2"...
@@ -580,6 +573,7 @@ class QuantizedArtifact(nn.Module):
         self.runner = runner
         self.sidecar = sidecar
         self.path = path
+        self.verified = True
         self.backend = sidecar["backend"]
         self._in_spec = treespec_loads(sidecar["in_spec"])
         self._out_spec = treespec_loads(sidecar["out_spec"])
@@ -594,7 +588,7 @@ class QuantizedArtifact(nn.Module):
     def __reduce__(self) -> tuple:
         # the runtimes cannot be pickled or copied: a copy (``copy.deepcopy``, ``pickle``, ``torch.save``) loads the
         # file again, by path
-        return _load_again, (str(self.path), self.backend)
+        return _load_again, (str(self.path), self.backend, self.verified)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, backend={self.backend!r})"
@@ -630,7 +624,7 @@ class QuantizedArtifact(nn.Module):
             shape = list(x.shape)
             want = s["shape"]
             if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
-                fixed = [j for j, w in enumerate(want) if w is not None]
+                fixed = [j for j, w in enumerate(want) if w is not None and j > 0]
                 pad = f" (dims {fixed} are fixed: see `dynamic_dims`)" if len(shape) > 1 and fixed else ""
                 raise ValueError(
                     f"{self.path.name}: input `{s.get('name', i)}` must have shape {want} (None = batch or a dynamic "
@@ -640,10 +634,15 @@ class QuantizedArtifact(nn.Module):
                 raise TypeError(
                     f"{self.path.name}: input `{s.get('name', i)}` must be {s['dtype']}, but got {x.dtype}."
                 )
-            dynamic = s.get("dynamic") or ({"0": "batch"} if want and want[0] is None else {})  # older sidecars
-            for d, symbol in dynamic.items():
+            # sidecars written before 0.1 name no dynamic dims (and put None at dim 0 of every tensor, batched or
+            # not): their inputs are checked one by one, as they were
+            for d, symbol in (s.get("dynamic") or {}).items():
                 sizes.setdefault(symbol, {})[s.get("name", str(i))] = x.shape[int(d)]
                 dim_of[symbol] = int(d)
+            if want and want[0] is None and x.shape[0] == 0 and self.backend == "arm":
+                raise ValueError(
+                    f"{self.path.name}: batch 0 is empty; the arm runtime (XNNPACK) needs at least 1 sample."
+                )
             if want and want[0] is None and x.shape[0] > self.sidecar["max_batch_size"]:
                 raise ValueError(
                     f"{self.path.name}: batch {x.shape[0]} exceeds the exported max_batch_size "
@@ -659,10 +658,6 @@ class QuantizedArtifact(nn.Module):
             if d > 0 and d in largest and not 2 <= n <= largest[d]:
                 raise ValueError(
                     f"{self.path.name}: dim {d} takes sizes from 2 to {largest[d]} (`dynamic_dims`), but got {listed}."
-                )
-            if d == 0 and n == 0 and self.backend == "arm":
-                raise ValueError(
-                    f"{self.path.name}: batch 0 is empty; the arm runtime (XNNPACK) needs at least 1 sample."
                 )
 
     def _missing_keywords(self, kwargs: dict[str, Any]) -> None:
@@ -742,11 +737,13 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
         )
     runner = _open_runner(path, sidecar["backend"], data)
     _check_call_spec(sidecar, path)
-    return QuantizedArtifact(runner, sidecar, path)
+    art = QuantizedArtifact(runner, sidecar, path.absolute())
+    art.verified = verify  # copies load the file again the same way
+    return art
 
 
-def _load_again(path: str, backend: str) -> QuantizedArtifact:
-    return load(path, backend=backend)
+def _load_again(path: str, backend: str, verify: bool = True) -> QuantizedArtifact:
+    return load(path, backend=backend, verify=verify)
 
 
 def _open_runner(path: Path, backend: str, data: bytes | None = None) -> Any:

@@ -76,6 +76,39 @@ def test_export_keeps_the_dims_the_model_fixes_static():
         export(lin, (x,), {}, max_batch_size=16, name="lin", dynamic_dims=((1, 8),))
 
 
+def test_a_listed_dim_the_model_fixes_everywhere_warns():
+    with pytest.warns(UserWarning, match=r"`dynamic_dims` names dimension 1, but no input of 'lin' kept it dynamic"):
+        export(nn.Linear(8, 4), (torch.randn(3, 8),), {}, max_batch_size=16, name="lin", dynamic_dims=((1, 32),))
+
+
+class TokensAndFeatures(nn.Module):
+    """Token ids (batch, length) and per-sample features (batch, 64): only the tokens' dim 1 may vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.tok, self.feat = nn.Embedding(50, 8), nn.Linear(8, 4), nn.Linear(64, 4)
+
+    def forward(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return self.tok(self.emb(tokens)).mean(1) + self.feat(feats)
+
+
+@pytest.mark.slow
+def test_a_dim_the_model_fixes_stays_fixed_in_the_artifact(tmp_path):
+    torch.manual_seed(0)
+    model = TokensAndFeatures().eval()
+    calib = [(torch.randint(0, 50, (4, n)), torch.randn(4, 64)) for n in (10, 6)]
+    # 64 features > the largest length 32: refused before export ("to hold the size 64 of dimension 1")
+    q = quantize_ptq(model, calib, dynamic_dims={1: 32})
+    save(q, tmp_path / "mixed.pt2")
+    inputs = json.loads(Path(str(tmp_path / "mixed.pt2") + ".json").read_text())["inputs"]
+    assert [s["shape"] for s in inputs] == [[None, None], [None, 64]]  # the features were recorded as dynamic
+    art = load(tmp_path / "mixed.pt2")
+    tokens = torch.randint(0, 50, (2, 20))
+    torch.testing.assert_close(art(tokens, torch.randn(2, 64)).shape, torch.Size([2, 4]))
+    with pytest.raises(ValueError, match=r"input `args\[1\]` must have shape \[None, 64\]"):
+        art(tokens, torch.randn(2, 7))  # ran, on memory past the features
+
+
 @pytest.mark.slow
 def test_x86_artifact_takes_any_length_up_to_the_largest(tmp_path, capsys):
     torch.manual_seed(0)

@@ -651,6 +651,47 @@ def test_copies_and_pickles_of_a_loaded_artifact_load_the_file_again(request, ba
     art(nn.Parameter(x.detach()))
 
 
+@pytest.mark.slow
+def test_a_copy_loads_by_absolute_path_and_as_verified(x86_artifact, tmp_path, monkeypatch):
+    monkeypatch.chdir(x86_artifact.path.parent)
+    art = load(x86_artifact.path.name, verify=False)
+    monkeypatch.chdir(tmp_path)  # a relative path would now miss the file
+    other = copy.deepcopy(art)
+    assert other.verified is False and other.path.is_absolute()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(other(x), art(x), atol=0, rtol=0)
+
+
+class _WithTable(nn.Module):
+    """A batched input and a fixed (5, 8) table input, whose dim 0 is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + x @ table.T
+
+
+@pytest.mark.slow
+def test_sidecar_written_before_dynamic_dims_still_takes_any_batch(tmp_path):
+    torch.manual_seed(0)
+    table = torch.randn(5, 8)
+    q = quantize_ptq(_WithTable().eval(), [(torch.randn(4, 8), table)], num_calibration_samples=4)
+    save(q, tmp_path / "table.pt2")
+    sidecar_file = Path(str(tmp_path / "table.pt2") + ".json")
+    sidecar = json.loads(sidecar_file.read_text())
+    assert [s["shape"] for s in sidecar["inputs"]] == [[None, 8], [5, 8]]
+    for s in sidecar["inputs"]:  # as written before 0.1: None at dim 0 of every tensor, no dynamic names
+        s["shape"][0] = None
+        s.pop("dynamic", None)
+    sidecar_file.write_text(json.dumps(sidecar))
+    art = load(tmp_path / "table.pt2")
+    for batch in (4, 2, 5):  # 4 and 2 were refused: "must share one batch size, but got `args[0]` 4, `args[1]` 5"
+        x = torch.randn(batch, 8)
+        torch.testing.assert_close(art(x, table), q(x, table), atol=1e-4, rtol=0)
+
+
 class _EmbeddingGRU(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -670,5 +711,5 @@ def test_arm_program_planned_for_the_capture_batch_only_is_named(tmp_path):
     q = quantize_ptq(_EmbeddingGRU().eval(), [ids], backend="arm")
     save(q, tmp_path / "gru.pte")
     # ExecuTorch 1.5 plans the (non-delegated) embedding's output for batch 8: at batch 1 it failed with "error 0x12"
-    with pytest.raises(ArtifactError, match=r"'self' \(gru.pte\) fails on a batch of 1 .*capture batch \(8\) only"):
+    with pytest.raises(ArtifactError, match=r"'self' \(gru.pte\) fails on a batch of 1 .*capture batch \(8\)"):
         check_other_batch(load(tmp_path / "gru.pte"), q, (ids,), {}, "self")
