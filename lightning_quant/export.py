@@ -123,16 +123,17 @@ def _symbolic_dims(ep: torch.export.ExportedProgram, n_inputs: int) -> list[dict
     return [{i: names[s] for i, s in found.items()} for found in dims]
 
 
-def _input_spec(args: tuple, kwargs: dict, ep: torch.export.ExportedProgram | None = None) -> list[dict[str, Any]]:
+def _input_spec(args: tuple, kwargs: dict, ep: torch.export.ExportedProgram) -> list[dict[str, Any]]:
     """One entry per flattened input: its name (``x``, ``args[0]``, ``mask``...), shape and dtype, or its constant.
 
-    A shape holds None where ``ep`` (the exported program) has a dynamic dim (without ``ep``: at dim 0).
+    A shape holds None where ``ep`` (the exported program) has a dynamic dim (if its inputs do not line up with the
+    call's: at dim 0, as before dynamic dims were recorded).
     """
     from torch.utils._pytree import keystr, tree_flatten_with_path
 
     spec = []
     leaves = tree_flatten_with_path((args, kwargs))[0]
-    symbolic = _symbolic_dims(ep, len(leaves)) if ep is not None else None
+    symbolic = _symbolic_dims(ep, len(leaves))
     for k, (path, x) in enumerate(leaves):
         where = keystr(path[1:])
         name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"").replace("']['", ".")
@@ -568,12 +569,12 @@ class QuantizedArtifact(nn.Module):
     do not.
     """
 
-    def __init__(self, runner: Any, sidecar: dict, path: Path) -> None:
+    def __init__(self, runner: Any, sidecar: dict, path: Path, verified: bool = True) -> None:
         super().__init__()
         self.runner = runner
         self.sidecar = sidecar
         self.path = path
-        self.verified = True
+        self.verified = verified  # how `load` checked the file: copies load it again the same way
         self.backend = sidecar["backend"]
         self._in_spec = treespec_loads(sidecar["in_spec"])
         self._out_spec = treespec_loads(sidecar["out_spec"])
@@ -634,8 +635,8 @@ class QuantizedArtifact(nn.Module):
                 raise TypeError(
                     f"{self.path.name}: input `{s.get('name', i)}` must be {s['dtype']}, but got {x.dtype}."
                 )
-            # sidecars written before 0.1 name no dynamic dims (and put None at dim 0 of every tensor, batched or
-            # not): their inputs are checked one by one, as they were
+            # sidecars written before dynamic dims were recorded name none (and hold None at dim 0 of every tensor,
+            # batched or not): their inputs are checked one by one, as they were
             for d, symbol in (s.get("dynamic") or {}).items():
                 sizes.setdefault(symbol, {})[s.get("name", str(i))] = x.shape[int(d)]
                 dim_of[symbol] = int(d)
@@ -737,9 +738,7 @@ def load(path: str | os.PathLike, *, backend: str | None = None, verify: bool = 
         )
     runner = _open_runner(path, sidecar["backend"], data)
     _check_call_spec(sidecar, path)
-    art = QuantizedArtifact(runner, sidecar, path.absolute())
-    art.verified = verify  # copies load the file again the same way
-    return art
+    return QuantizedArtifact(runner, sidecar, path.absolute(), verified=verify)
 
 
 def _load_again(path: str, backend: str, verify: bool = True) -> QuantizedArtifact:
