@@ -37,6 +37,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _dim_sizes(text: str) -> dict[int, int]:
+    """``--dynamic-dims 1=512[,2=64]``: each dynamic dimension and its largest size."""
+    out = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        dim, eq, size = item.partition("=")
+        if not eq or not dim.strip().isdigit() or not size.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected DIM=LARGEST[,DIM=LARGEST], e.g. 1=512, got {text!r}")
+        out[int(dim)] = int(size)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected DIM=LARGEST[,DIM=LARGEST], e.g. 1=512, got {text!r}")
+    return out
+
+
 def _backend_list(text: str) -> list[str]:
     from lightning_quant.config import resolve_backend
 
@@ -267,6 +280,7 @@ def _ptq(args: argparse.Namespace) -> int:
         modules=args.modules.split(",") if args.modules else None,
         dirpath=args.out,
         max_batch_size=args.max_batch_size,
+        dynamic_dims=args.dynamic_dims,
     )
     dm = _datamodule(dm_cls, args.datamodule_args)
     model = _load_checkpoint(model_cls, ckpt)
@@ -543,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--modules", default=None, help="comma-separated submodules to quantize (default: picked)")
     ptq.add_argument(
         "--max-batch-size", type=_at_least(2), default=1024, metavar="N", help="largest batch the artifact takes"
+    )
+    ptq.add_argument(
+        "--dynamic-dims",
+        type=_dim_sizes,
+        default=None,
+        metavar="DIM=LARGEST",
+        help="x86: other dims that vary, with their largest size, e.g. 1=512 for text lengths",
     )
     ptq.add_argument("--out", default="quantized", metavar="DIR", help="output folder (default ./quantized)")
     ptq.add_argument("--threads", type=int, default=None)

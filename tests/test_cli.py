@@ -372,3 +372,19 @@ def test_demo_backends_take_aliases_once():
 
     assert build_parser().parse_args(["demo"]).backends == ["x86", "arm"]
     assert build_parser().parse_args(["demo", "--backends", "fbgemm, x86,qnnpack"]).backends == ["x86", "arm"]
+
+
+def test_ptq_dynamic_dims_flag_parses_and_reaches_the_config(capsys, tmp_path):
+    from lightning_quant.cli import build_parser
+
+    assert build_parser().parse_args(_PTQ_ARGS).dynamic_dims is None
+    assert build_parser().parse_args([*_PTQ_ARGS, "--dynamic-dims", "1=512, 2=64"]).dynamic_dims == {1: 512, 2: 64}
+    for bad in ("1:512", "=5", "x=5", ","):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*_PTQ_ARGS, "--dynamic-dims", bad])
+        assert "argument --dynamic-dims: expected DIM=LARGEST" in capsys.readouterr().err
+    # the callback's own check, before any loading: one error line naming the argument
+    (tmp_path / "x.ckpt").write_bytes(b"")  # exists: the arguments are checked before it is read
+    argv = [*_PTQ_ARGS[:-1], str(tmp_path / "x.ckpt"), "--dynamic-dims", "0=64"]
+    assert main(argv) == 2
+    assert "`dynamic_dims` to map dimensions >= 1 (dimension 0 is the batch" in capsys.readouterr().err
