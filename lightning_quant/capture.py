@@ -235,6 +235,20 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------- capture
 
 
+def named_inputs(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """The flattened call inputs with their names, as sidecars and messages give them.
+
+    ``args[0]`` for a positional input, ``mask`` for a keyword (``a.b`` nested).
+    """
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    out = []
+    for path, x in tree_flatten_with_path((args, kwargs))[0]:
+        where = keystr(path[1:])
+        out.append((f"args{where}" if path[0].idx == 0 else where.strip("[]'\"").replace("']['", "."), x))
+    return out
+
+
 def batch_size_of(args: Any) -> int | None:
     leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor) and x.ndim > 0]
     return leaves[0].shape[0] if leaves else None

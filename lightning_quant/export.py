@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
-from lightning_quant.capture import ROUTE_ATTR, input_symbols
+from lightning_quant.capture import ROUTE_ATTR, input_symbols, named_inputs
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
 from lightning_quant.quantize import (
@@ -129,14 +129,10 @@ def _input_spec(args: tuple, kwargs: dict, ep: torch.export.ExportedProgram) -> 
     A shape holds None where ``ep`` (the exported program) has a dynamic dim (if its inputs do not line up with the
     call's: at dim 0, as before dynamic dims were recorded).
     """
-    from torch.utils._pytree import keystr, tree_flatten_with_path
-
     spec = []
-    leaves = tree_flatten_with_path((args, kwargs))[0]
+    leaves = named_inputs(args, kwargs)
     symbolic = _symbolic_dims(ep, len(leaves))
-    for k, (path, x) in enumerate(leaves):
-        where = keystr(path[1:])
-        name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"").replace("']['", ".")
+    for k, (name, x) in enumerate(leaves):
         if isinstance(x, torch.Tensor):
             dynamic = symbolic[k] if symbolic is not None else {0: "batch"} if x.ndim else {}
             spec.append(

@@ -26,6 +26,7 @@ from lightning_quant.capture import (
     detach_inputs,
     export,
     is_zero_pad,
+    named_inputs,
     shape_mismatch,
 )
 from lightning_quant.config import QuantConfig, QuantizationError
@@ -250,13 +251,9 @@ def _observed_where(observer: torch.fx.Node) -> str:
 
 def _nonfinite_inputs(args: tuple, kwargs: dict) -> str:
     """The inputs holding NaN or +-inf (``"input 'x' holds NaN"``), or that they come from inside the model."""
-    from torch.utils._pytree import keystr, tree_flatten_with_path
-
     bad = []
-    for path, x in tree_flatten_with_path((args, kwargs))[0]:
+    for name, x in named_inputs(args, kwargs):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            where = keystr(path[1:])
-            name = f"args{where}" if path[0].idx == 0 else where.strip("[]'\"")
             bad.append(f"input {name!r} holds {'NaN' if bool(x.isnan().any()) else '+-inf'}")
     return ", ".join(bad) or "every input is finite: the model produced them"
 
