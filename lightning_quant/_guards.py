@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -87,12 +88,21 @@ def check_siblings(callback: pl.Callback, trainer: pl.Trainer, pl_module: pl.Lig
 
 
 def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> Path:
-    """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work."""
+    """The artifact folder: ``dirpath`` or ``<trainer.log_dir>/quantized``; checked writable before any work.
+
+    Call it on every rank (``setup``): ``trainer.log_dir`` broadcasts rank 0's folder, so a call on rank 0 alone would
+    wait for the other ranks forever, or mismatch their next collective. Later checks go through :func:`check_dirpath`.
+    """
     path = (
         Path(dirpath).expanduser()
         if dirpath is not None
         else Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
     )
+    return check_dirpath(path)
+
+
+def check_dirpath(path: Path) -> Path:
+    """``path`` if it is a folder, or can become one, that this process may write to."""
     if path.exists() and not path.is_dir():
         raise ValueError(
             f"Expected argument `dirpath` to be a folder, but {str(path)!r} is a file. Pass a folder path."
@@ -105,3 +115,13 @@ def resolve_dirpath(dirpath: str | os.PathLike | None, trainer: pl.Trainer) -> P
             f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not. Pass a folder you can write to."
         )
     return path
+
+
+def artifact_dir(callback: Any, trainer: pl.Trainer) -> Path:
+    """The folder ``callback`` writes to, as resolved by its ``setup`` (on every rank), checked again now.
+
+    Safe on rank 0 alone. Resolves it now if ``setup`` did not (``PTQCallback.quantize`` called outside ``fit``).
+    """
+    if callback._dirpath is None:
+        callback._dirpath = resolve_dirpath(callback.dirpath, trainer)
+    return check_dirpath(callback._dirpath)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_quant import _torchao
-from lightning_quant._guards import check_precision, check_siblings, check_strategy, resolve_dirpath
+from lightning_quant._guards import artifact_dir, check_precision, check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._loop import (
     all_loaders,
     batches_for,
@@ -97,6 +98,7 @@ class PTQCallback(QuantResults, Callback):
             _torchao.require_executorch(backend)
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
+        self._dirpath: Path | None = None  # resolved at `setup`, on every rank
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
@@ -109,7 +111,7 @@ class PTQCallback(QuantResults, Callback):
         # Fail before training, not after hours of it.
         check_strategy(trainer, "PTQCallback")
         check_precision(trainer, "PTQCallback")
-        resolve_dirpath(self.dirpath, trainer)
+        self._dirpath = resolve_dirpath(self.dirpath, trainer)
         if not has_validation_step(pl_module):
             raise ValueError(
                 f"PTQCallback calibrates by running `{type(pl_module).__name__}.validation_step` on calibration "
@@ -181,7 +183,7 @@ class PTQCallback(QuantResults, Callback):
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         targets = resolve_targets(pl_module, self.config.modules)
-        resolve_dirpath(self.dirpath, trainer)  # a folder that cannot be written fails before the work
+        artifact_dir(self, trainer)  # a folder that cannot be written fails before the work
         loader = self.calibration_loader(trainer)
         n_batches = batches_for(loader, self.config.num_calibration_samples)
         calibrators = self._observe(trainer, pl_module, loader, targets, n_batches)
@@ -210,7 +212,7 @@ class PTQCallback(QuantResults, Callback):
             self.quantized_modules,
             method="PTQ",
             backend=self.config.backend,
-            dirpath=resolve_dirpath(self.dirpath, trainer),
+            dirpath=artifact_dir(self, trainer),
             metric_suffix=self.metric_suffix,
             evaluate=self.evaluate,
         )

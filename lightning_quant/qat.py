@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_quant import _torchao
-from lightning_quant._guards import check_precision, check_siblings, check_strategy, resolve_dirpath
+from lightning_quant._guards import artifact_dir, check_precision, check_siblings, check_strategy, resolve_dirpath
 from lightning_quant._report import QuantReport, QuantResults, convert_on_rank_zero, finish
 from lightning_quant.capture import QUANTIZABLE, ROUTE_ATTR, SELF, install, installed, resolve_targets, uninstall
 from lightning_quant.config import QuantConfig, QuantizationError, expect_output_args, first_line
@@ -124,6 +124,7 @@ class QATCallback(QuantResults, Callback):
             raise TypeError(f"Expected argument `export` to be a bool, but got {export!r}.")
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
+        self._dirpath: Path | None = None  # resolved at `setup`, on every rank
         self.export = export
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
@@ -226,8 +227,7 @@ class QATCallback(QuantResults, Callback):
                 f"Expected argument `start_epoch` ({self.start_epoch}) to be < the Trainer's max_epochs "
                 f"({max_epochs}): QAT would never run. Lower `start_epoch` or raise `max_epochs`."
             )
-        if self.export:
-            resolve_dirpath(self.dirpath, trainer)
+        self._dirpath = resolve_dirpath(self.dirpath, trainer) if self.export else None
         if trainer.world_size > 1 and next(pl_module.buffers(), None) is None:
             # DDP broadcasts rank 0's buffers before each forward (the observers' ranges, so every rank converts the
             # same scales), collecting them afresh each time, but only if the model had buffers when it was wrapped:
@@ -356,7 +356,7 @@ class QATCallback(QuantResults, Callback):
                 self.quantized_modules,
                 method="QAT",
                 backend=self.config.backend,
-                dirpath=resolve_dirpath(self.dirpath, trainer),
+                dirpath=artifact_dir(self, trainer),
                 metric_suffix=self.metric_suffix,
                 evaluate=self.evaluate,
                 fp32_reference={name: g.float_module for name, g in graphs.items()},

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py in a subprocess: a 2-process CPU (gloo) fit with a plugin callback.
 
 usage: python tests/ddp_script.py STRATEGY {qat,qat_fails,ptq} OUT_DIR
-Each rank saves its tensor state at every train-epoch end; the launching process prints its model type. QAT with
+Each rank saves its tensor state at every train-epoch end; the launching process prints its model type. The
+callbacks keep their default `dirpath` (<default_root_dir>/quantized: `trainer.log_dir` is a collective call). QAT with
 "ddp" trains a model without BatchNorm (no buffers when DDP wraps it), the others one with; PTQ fits from a datamodule.
 """
 
@@ -60,12 +61,10 @@ def main():
         model.model.eval()
         kind = "qat"
     if kind == "qat":
-        cb = QATCallback(
-            backend=BACKEND, start_epoch=1, freeze_observer_epoch=2, dirpath=os.path.join(out, "artifacts")
-        )
+        cb = QATCallback(backend=BACKEND, start_epoch=1, freeze_observer_epoch=2)
         cb.attach(model)  # needed with ddp_spawn (tests/test_distributed.py checks the refusal without it)
     else:
-        cb = PTQCallback(backend=BACKEND, num_calibration_samples=64, dirpath=os.path.join(out, "artifacts"))
+        cb = PTQCallback(backend=BACKEND, num_calibration_samples=64)
     train, val = _loaders()
     trainer = pl.Trainer(
         max_epochs=3,

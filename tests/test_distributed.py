@@ -49,7 +49,7 @@ def test_ddp_qat_keeps_ranks_identical_and_only_rank_zero_exports(tmp_path):
         assert _tensor_diffs(tmp_path, epoch) == [], f"ranks differ after epoch {epoch}"
     state = torch.load(tmp_path / "state_r0_e2.pt")
     assert any("activation_post_process" in k for k in state), "observer buffers are part of the synced state"
-    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
+    assert sorted(os.listdir(tmp_path / "quantized")) == _artifact_names()
     _assert_every_rank_holds_the_same_int8_model(tmp_path)
 
 
@@ -67,14 +67,14 @@ def test_ddp_conversion_failing_on_rank_zero_fails_every_rank(tmp_path):
     assert out.returncode != 0
     assert "never observed any data" in out.stderr  # rank 0's own error
     assert "Quantization failed on global rank 0 (QuantizationError: QAT on 'model'" in out.stderr  # rank 1's
-    assert not (tmp_path / "artifacts").exists()
+    assert not (tmp_path / "quantized").exists()
 
 
 @pytest.mark.slow
 def test_ddp_ptq_exports_once(tmp_path):
     out = _run(tmp_path, "ddp", "ptq", timeout=300)  # hung before in the datamodule's `prepare_data` barrier
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
+    assert sorted(os.listdir(tmp_path / "quantized")) == _artifact_names()
     assert _tensor_diffs(tmp_path, 2) == []
     _assert_every_rank_holds_the_same_int8_model(tmp_path)
 
@@ -87,7 +87,7 @@ def test_ddp_spawn_qat_launching_process_holds_the_trained_model(tmp_path):
     # the launching process computes what the workers' final state computes
     worker = torch.load(tmp_path / "state_r0_e2.pt")
     assert any(k.startswith("model.gm.") for k in worker)
-    assert sorted(os.listdir(tmp_path / "artifacts")) == _artifact_names()
+    assert sorted(os.listdir(tmp_path / "quantized")) == _artifact_names()
 
 
 def test_ddp_spawn_without_attach_is_refused_at_setup(tmp_path):

@@ -24,17 +24,18 @@ from lightning_quant.quantize import quantize_ptq
 MAX_BATCH = 64
 SIDECAR_KEYS = {"backend", "sha256", "versions", "inputs", "max_batch_size", "in_spec", "out_spec", "size_bytes"}
 
-# Runs in a fresh interpreter that imports only torch and lightning_quant.export.load.
+# Runs in a fresh interpreter, as a serving process would: torch and `lightning_quant.load` only.
 FRESH_PROCESS = """
 import sys
 import torch
-from lightning_quant.export import load
+import lightning_quant
 
 artifact, inputs, outputs = sys.argv[1:4]
-model = load(artifact)
+model = lightning_quant.load(artifact)
 with torch.no_grad():
     outs = [model(x) for x in torch.load(inputs)]
-torch.save({"outputs": outs, "torchao_imported": "torchao" in sys.modules}, outputs)
+imported = {name: name in sys.modules for name in ("torchao", "lightning", "pytorch_lightning")}
+torch.save({"outputs": outs, "imported": imported}, outputs)
 """
 
 
@@ -107,11 +108,21 @@ def tiny_q(tiny_net):
 # ------------------------------------------------------------------------------------------ round trips
 
 
+def test_public_names_resolve_on_first_use():
+    for name in lightning_quant.__all__:
+        assert getattr(lightning_quant, name) is not None, name
+        assert name in dir(lightning_quant)
+    assert lightning_quant.PTQCallback is lightning_quant.ptq.PTQCallback
+    with pytest.raises(AttributeError, match="has no attribute 'PTQCalback'"):
+        lightning_quant.PTQCalback  # noqa: B018
+
+
 @pytest.mark.slow
 def test_x86_round_trip_in_fresh_process(x86_artifact, tmp_path):
     inputs = [torch.randn(1, 1, 28, 28), torch.randn(8, 1, 28, 28)]
     got = _fresh_process_outputs(x86_artifact.path, inputs, tmp_path)
-    assert got["torchao_imported"] is False  # an AOTInductor package loads with plain torch
+    # an AOTInductor package loads with plain torch; loading imports neither torchao nor Lightning
+    assert got["imported"] == {"torchao": False, "lightning": False, "pytorch_lightning": False}
     for x, out in zip(inputs, got["outputs"], strict=True):
         with torch.no_grad():
             ref = x86_artifact.q(x)
@@ -125,6 +136,7 @@ def test_x86_round_trip_in_fresh_process(x86_artifact, tmp_path):
 def test_arm_round_trip_in_fresh_process(arm_artifact, tmp_path):
     inputs = [torch.randn(1, 1, 28, 28), torch.randn(8, 1, 28, 28), torch.randn(MAX_BATCH, 1, 28, 28)]
     got = _fresh_process_outputs(arm_artifact.path, inputs, tmp_path)
+    assert got["imported"]["lightning"] is False
     step = _output_step(arm_artifact.q)
     for x, out in zip(inputs, got["outputs"], strict=True):
         with torch.no_grad():
