@@ -209,7 +209,8 @@ class QATCallback(QuantResults, Callback):
             raise QuantizationError(
                 "With a spawning strategy (e.g. strategy='ddp_spawn'), the launching process loads what the workers "
                 "learned into your model, which needs the QAT load hook: call `qat_callback.attach(model)` before "
-                "`trainer.fit(model, ...)`."
+                "`trainer.fit(model, ...)`. From a LightningCLI config, where there is no such call, use "
+                "`strategy: ddp` (it runs the script once per process and needs no hook)."
             )
         self._defer = stage == "fit"
         self._pending = {}
@@ -257,6 +258,22 @@ class QATCallback(QuantResults, Callback):
         self._install_pending(pl_module)
         self._resolve(pl_module)
         check_siblings(self, trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not at `on_fit_start`: a resume restores the epoch between the two
+        epoch, frozen = trainer.current_epoch, self.freeze_observer_epoch
+        first_qat_epoch = max(epoch, self.start_epoch)
+        if frozen is None or first_qat_epoch < frozen:
+            return
+        fresh = [n for n in self.targets if not getattr(installed(pl_module, n), "captured", False)]
+        if fresh:
+            raise ValueError(
+                f"Expected argument `freeze_observer_epoch` ({frozen}) to be > the first QAT epoch: fit resumes at "
+                f"epoch {epoch} (epochs continue from the checkpoint) without QAT state for {fresh}, so QAT would "
+                "start with its observers frozen, train with fake quantization that never saw data, and have no "
+                f"scales to convert with. Use freeze_observer_epoch={first_qat_epoch + 1} or later, or None."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -633,3 +633,28 @@ def test_unwritable_dirpath_fails_before_training(cls, tmp_path, monkeypatch):
     model = DropoutNet()
     with pytest.raises(PermissionError, match=r"`dirpath` to be writable"):
         _fit(model, [cls(dirpath=str(tmp_path / "out"))], tmp_path, max_epochs=1)
+
+
+class _Batches(Callback):
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += 1
+
+
+@pytest.mark.slow
+def test_fine_tune_from_a_float_checkpoint_past_the_observer_freeze_is_refused_before_training(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "float", filename="{epoch}", save_top_k=-1)
+    _fit(DropoutNet(), [ckpt], tmp_path, max_epochs=2, enable_checkpointing=True)
+    float_ckpt = str(tmp_path / "float" / "epoch=1.ckpt")  # resumes at epoch 2
+    model, batches = DropoutNet(), _Batches()
+    qat = QATCallback(start_epoch=0, freeze_observer_epoch=2, dirpath=str(tmp_path / "q"))
+    with pytest.raises(ValueError, match=r"`freeze_observer_epoch` \(2\).*resumes at epoch 2.*freeze_observer_epoch=3"):
+        _fit(model, [qat, batches], tmp_path, max_epochs=4, ckpt_path=float_ckpt)
+    assert batches.seen == 0  # before any training (it trained two epochs on broken fake quantization)
+    assert not isinstance(model.model, QATGraph)  # the float model is given back
+    # one epoch of observation first: QAT runs and exports
+    qat = QATCallback(start_epoch=0, freeze_observer_epoch=3, dirpath=str(tmp_path / "q"))
+    _fit(DropoutNet(), [qat], tmp_path, max_epochs=4, ckpt_path=float_ckpt)
+    assert qat.report.artifacts["model"].is_file()
