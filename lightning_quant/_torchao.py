@@ -286,13 +286,60 @@ def quantize_before_pad(gm: torch.fx.GraphModule) -> int:
     return moved
 
 
+#: batch norm as a QAT graph holds it after a conv (not folded until convert)
+_BATCH_NORMS = {
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten.cudnn_batch_norm.default,
+}
+
+
+def annotate_conv1d(quantizer: Any, gm: torch.fx.GraphModule) -> int:
+    """Quantize every ``Conv1d`` as X86InductorQuantizer quantizes a lone ``Conv2d``.
+
+    X86InductorQuantizer (torchao 0.18) quantizes a Conv1d only when a ReLU follows it: Conv1d + BatchNorm + GELU/SiLU
+    (audio, text CNNs) stayed fp32 without a word, and a backbone of such layers had "nothing to quantize". Its
+    input, weight and bias get the Conv2d specs; in a QAT graph, where BatchNorm is still separate, the BatchNorm's
+    output is quantized, as for QAT's Conv2d + BatchNorm pattern. Returns the convolutions annotated.
+    """
+    config = quantizer.global_config
+    if config is None:
+        return 0
+    xiq = _pt2e().quantizer.x86_inductor_quantizer
+    key = "quantization_annotation"
+    done = 0
+    for conv in gm.graph.nodes:
+        if conv.op != "call_function" or conv.target != torch.ops.aten.conv1d.default:
+            continue
+        if getattr(conv.meta.get(key), "_annotated", False):
+            continue
+        users = list(conv.users)
+        bn = users[0] if config.is_qat and len(users) == 1 and users[0].target in _BATCH_NORMS else None
+        if bn is not None and getattr(bn.meta.get(key), "_annotated", False):
+            continue
+        quantizer._annotate_conv_node_helper(conv, bn is None, config)
+        if bn is not None:
+            bn.meta[key] = xiq._X86InductorQuantizationAnnotation(
+                output_qspec=xiq.get_output_act_qspec(config), _annotated=True, _is_output_of_quantized_pattern=True
+            )
+            for getitem in bn.users:  # the batch norm's tuple outputs, if any
+                getitem.meta[key] = xiq._X86InductorQuantizationAnnotation(_annotated=True)
+        done += 1
+    return done
+
+
 @functools.cache
 def _x86_quantizer_class() -> type:
-    """``X86InductorQuantizer`` that also quantizes before zero pads (see :func:`quantize_before_pad`)."""
+    """``X86InductorQuantizer`` that also quantizes every Conv1d, and before zero pads.
+
+    See :func:`annotate_conv1d` and :func:`quantize_before_pad`.
+    """
     xiq = _pt2e().quantizer.x86_inductor_quantizer
 
     def annotate(self: Any, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = xiq.X86InductorQuantizer.annotate(self, model)
+        annotate_conv1d(self, model)  # after torchao's, which fuses Conv1d + ReLU on its own
         quantize_before_pad(model)
         return model
 

@@ -38,6 +38,7 @@ from lightning_quant.quantize import (
     contiguous_linear_inputs,
     fold_pads_into_depthwise_qconvs,
     pad_single_channel_qconvs,
+    qconv1d_as_qconv2d,
 )
 
 SIDECAR_FORMAT = 1
@@ -390,6 +391,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         _require_tensor_outputs(quantized, info["name"])
         quantized = copy.deepcopy(quantized)
         fold_pads_into_depthwise_qconvs(quantized)
+        qconv1d_as_qconv2d(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)
     ep = capture_export(

@@ -194,6 +194,53 @@ def fold_pads_into_depthwise_qconvs(gm: torch.fx.GraphModule) -> int:
 _CONV_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
 
 
+def qconv1d_as_qconv2d(gm: torch.fx.GraphModule) -> int:
+    """Compute each int8 ``Conv1d`` as a ``Conv2d`` over a height of 1.
+
+    Works around an Inductor limit (torch 2.13): it fuses the activation after an int8 conv into the oneDNN kernel,
+    but oneDNN's int8 conv1d takes ReLU only ("Unsupported post op swish for quantized pointwise conv1d": SiLU,
+    Hardswish, GELU after a Conv1d failed to run). The input is unsqueezed before its quantize node and the output
+    squeezed right after the conv, so the activation stays a kernel of its own and the conv is an int8 conv2d.
+    Applied to a converted graph before export for x86; same results. Returns the convolutions rewritten.
+    """
+    qd = torch.ops.quantized_decomposed
+    graph = gm.graph
+    fixed = 0
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target != torch.ops.aten.conv1d.default or conv.kwargs:
+            continue
+        x_dq, w_dq, bias, stride, padding, dilation, groups = (*conv.args, *_CONV1D_DEFAULTS[len(conv.args) :])
+        if getattr(x_dq, "target", None) != qd.dequantize_per_tensor.default:
+            continue
+        x_q = x_dq.args[0]
+        found = _replaceable_int8_weight(gm, w_dq)
+        if getattr(x_q, "target", None) != qd.quantize_per_tensor.default or found is None:
+            continue
+        w_attr, weight = found
+        _replace_weight(gm, w_attr, weight.unsqueeze(2), "2d")
+        with graph.inserting_before(x_q):
+            taller = graph.call_function(torch.ops.aten.unsqueeze.default, (x_q.args[0], 2))
+            q = graph.call_function(x_q.target, (taller, *x_q.args[1:]))
+            dq = graph.call_function(x_dq.target, (q, *x_dq.args[1:]))
+        with graph.inserting_before(conv):
+            conv2d = graph.call_function(
+                torch.ops.aten.conv2d.default,
+                (dq, w_dq, bias, [1, *stride], [0, *padding], [1, *dilation], groups),
+            )
+            out = graph.call_function(torch.ops.aten.squeeze.dim, (conv2d, 2))
+        conv.replace_all_uses_with(out)
+        graph.erase_node(conv)
+        fixed += 1
+    if fixed:
+        graph.eliminate_dead_code()
+        strip_unused_attrs(gm)
+    return fixed
+
+
+#: aten.conv1d's defaults after (input, weight): bias, stride, padding, dilation, groups
+_CONV1D_DEFAULTS = (None, None, None, [1], [0], [1], 1)
+
+
 def contiguous_linear_inputs(gm: torch.fx.GraphModule) -> int:
     """Quantize each int8 linear's input from a contiguous copy (fused into the quantize kernel, no extra buffer).
 

@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import with_bn_statistics
 from torch import nn
 from torch.nn import functional as F
 
@@ -144,3 +145,64 @@ def test_conv1d_on_a_single_channel_waveform_exports_a_correct_artifact(tmp_path
         x = torch.randn(batch, 1, 64)
         want = q(x)
         torch.testing.assert_close(artifact(x), want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
+
+
+class AudioNet(nn.Module):
+    """Conv1d + BatchNorm + GELU/SiLU/Hardswish, as audio and text CNNs stack them (no ReLU anywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 8, 9, stride=2, padding=4), nn.BatchNorm1d(8), nn.GELU(), nn.MaxPool1d(2),
+            nn.Conv1d(8, 16, 5, padding=2), nn.BatchNorm1d(16), nn.SiLU(),
+            nn.Conv1d(16, 16, 3, padding=1, groups=16), nn.Hardswish(),
+        )  # fmt: skip
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(-1))
+
+
+def _int8_weight_convs(q: torch.fx.GraphModule) -> int:
+    qd = torch.ops.quantized_decomposed
+    return sum(
+        n.target == torch.ops.aten.conv1d.default and n.args[1].target == qd.dequantize_per_channel.default
+        for n in q.graph.nodes
+    )
+
+
+@pytest.mark.slow
+def test_every_conv1d_is_int8_and_exports_on_x86(tmp_path):
+    """torchao's X86InductorQuantizer quantized a Conv1d only before a ReLU: these stayed fp32 (or 'nothing to quantize'
+    for a backbone of them), and once quantized, oneDNN's int8 conv1d refused the fused SiLU/Hardswish at run time."""
+    torch.manual_seed(0)
+    net = AudioNet()
+    with_bn_statistics(net, torch.randn(64, 1, 64))
+    net.eval()
+    q = quantize_ptq(net, [torch.randn(8, 1, 64) for _ in range(4)], backend="x86")
+    assert _int8_weight_convs(q) == 3
+    x = torch.randn(6, 1, 64)
+    want = net(x)
+    torch.testing.assert_close(q(x), want, atol=0.05 * float(want.max() - want.min()), rtol=0)
+    save(q, tmp_path / "m.pt2")  # checks the artifact against `q` itself (warns when they disagree)
+    artifact = load(tmp_path / "m.pt2")
+    for batch in (6, 1):
+        x = torch.randn(batch, 1, 64)
+        got, want = artifact(x), q(x)
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
+
+
+def test_qat_fake_quantizes_every_conv1d_and_folds_its_batch_norm():
+    from lightning_quant import QATGraph
+    from lightning_quant.config import QuantConfig
+
+    torch.manual_seed(0)
+    graph = QATGraph(AudioNet().features, "features", QuantConfig(backend="x86")).train()
+    x = torch.randn(8, 1, 64)
+    graph(x).sum().backward()
+    graph.eval()
+    q = graph.convert()
+    assert _int8_weight_convs(q) == 3
+    assert torch.ops.aten.batch_norm.default not in [n.target for n in q.graph.nodes]  # Conv1d + BN folded
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), graph(x), atol=0.1 * float(graph(x).abs().max()), rtol=0)
