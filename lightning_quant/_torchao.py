@@ -430,7 +430,44 @@ def _cached_conv_bn_patterns() -> Iterator[None]:
             qat_utils._get_aten_graph_module_for_pattern = original
 
 
+#: ops whose weight and bias (arguments 1 and 2) the quantizers annotate
+_WEIGHTED = {
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv_transpose2d.input,
+    torch.ops.aten.linear.default,
+}
+
+
+def unshare_weights(gm: torch.fx.GraphModule) -> int:
+    """Give each conv/linear call its own ``get_attr`` node for a weight (or bias) that several calls read.
+
+    A module called twice (a shared Conv2d) reads one weight node from two convs. XNNPACKQuantizer's QAT annotation
+    skips a conv whose weight node is annotated already, so the second call kept an fp32 weight behind int8
+    activations, and the ``.pte`` failed to load ("Failed to create convolution node ... xnn_status_invalid_parameter").
+    Separate nodes for the same parameter get a quantization each (the same scales: the same values). Returns the
+    nodes added.
+    """
+    added = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _WEIGHTED:
+            continue
+        for index in (1, 2):
+            attr = node.args[index] if len(node.args) > index else None
+            if not isinstance(attr, torch.fx.Node) or attr.op != "get_attr" or len(attr.users) < 2:
+                continue
+            with gm.graph.inserting_before(node):
+                own = gm.graph.get_attr(attr.target)
+            own.meta = dict(attr.meta)
+            node.replace_input_with(attr, own)
+            added += 1
+    if added:
+        gm.recompile()
+    return added
+
+
 def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:
+    unshare_weights(gm)
     q = _pt2e().quantize_pt2e
     if not is_qat:
         return q.prepare_pt2e(gm, quantizer)

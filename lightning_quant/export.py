@@ -37,6 +37,7 @@ from lightning_quant.quantize import (
     META_KEY,
     contiguous_linear_inputs,
     fold_pads_into_depthwise_qconvs,
+    own_constants_per_call,
     pad_single_channel_qconvs,
     qconv1d_as_qconv2d,
 )
@@ -394,6 +395,9 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
         qconv1d_as_qconv2d(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)
+    else:
+        quantized = copy.deepcopy(quantized)
+        own_constants_per_call(quantized)
     ep = capture_export(
         quantized,
         args,

@@ -917,3 +917,39 @@ def test_submodule_left_in_eval_mode_warns_and_fails_clearly_at_convert(tmp_path
     with pytest.warns(UserWarning, match="'model' is in eval mode while the Trainer trains"):
         with pytest.raises(QuantizationError, match="QAT on 'model' .* never observed any data"):
             _fit(_EvalStudent(), [qat], tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+
+
+class _SharedConv(nn.Module):
+    """Calls one Conv2d twice: both calls read the same weight node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.shared, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        h = F.relu(self.shared(h))
+        h = F.relu(self.shared(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=[pytest.mark.arm, needs_executorch])])
+def test_a_module_called_twice_is_quantized_at_both_calls(backend, tmp_path):
+    """XNNPACK's QAT annotation skipped the second call (its weight node annotated already): an fp32 weight behind
+    int8 activations, and a .pte that failed to load ("xnn_status_invalid_parameter")."""
+    torch.manual_seed(0)
+    graph = QATGraph(_SharedConv(), "self", QuantConfig(backend=backend)).train()
+    x = torch.randn(8, 3, 8, 8)
+    for _ in range(3):
+        graph(x).sum().backward()
+    graph.eval()
+    q = graph.convert()
+    qd = torch.ops.quantized_decomposed
+    convs = [n for n in q.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert [n.args[1].target for n in convs] == [qd.dequantize_per_channel.default] * 3
+    save(q, tmp_path / f"m{_torchao.BACKENDS[backend].suffix}")
+    artifact = load(tmp_path / f"m{_torchao.BACKENDS[backend].suffix}")
+    with torch.no_grad():
+        want = q(x)
+    torch.testing.assert_close(artifact(x), want, atol=0.05 * float(want.max() - want.min()), rtol=0)
