@@ -642,6 +642,9 @@ class CallNormalizer:
             self.signature = None
         self.num_args = len(args)
         self.kw_names = tuple(kwargs)
+        # what the graph baked in: which inputs are tensors, and the values of the others
+        self.captured = [(name, None if torch.is_tensor(x) else x) for name, x in named_inputs(args, kwargs)]
+        self.is_tensor = [torch.is_tensor(x) for _, x in named_inputs(args, kwargs)]
 
     def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.signature is None or (len(args) == self.num_args and tuple(kwargs) == self.kw_names):
@@ -655,3 +658,47 @@ class CallNormalizer:
         call_args = tuple(values[: self.num_args])
         call_kwargs = {k: bound.arguments[k] for k in self.kw_names if k in bound.arguments}
         return call_args, call_kwargs
+
+    def check(self, args: tuple, kwargs: dict, what: str) -> None:
+        """Raise if a normalized call passes other inputs than the captured one (the graph would fail deep inside).
+
+        E.g. ``training_step`` calls ``self(x, mask=m)`` and ``validation_step`` ``self(x)``: the graph captured from
+        one cannot run the other (a tensor input is None, or a non-tensor argument, baked in, has another value).
+        """
+        now = named_inputs(args, kwargs)
+        names, was = [n for n, _ in now], [n for n, _ in self.captured]
+        fix = (
+            "A captured graph takes the inputs of the first call it saw: pass the same arguments, in the same form, "
+            "in every step (training_step, validation_step, ...)."
+        )
+        if names != was:
+            gone, new = [n for n in was if n not in names], [n for n in names if n not in was]
+            detail = "".join(
+                [f"; it lacks {gone} (None or left out now?)" if gone else "", f"; new: {new}" if new else ""]
+            )
+            raise ValueError(
+                f"{what} passes the inputs {names}, but it was captured from a call passing {was}{detail}. {fix}"
+            )
+        for (name, x), (_, value), tensor in zip(now, self.captured, self.is_tensor, strict=True):
+            if torch.is_tensor(x) != tensor:
+                kind = "a tensor" if tensor else f"{value!r}"
+                raise ValueError(f"{what} passes {name}={_short(x)}, but it was captured with {kind} there. {fix}")
+            if not tensor and not _same(x, value):
+                raise ValueError(
+                    f"{what} passes {name}={_short(x)}, but it was captured with {name}={_short(value)}, a value baked "
+                    f"into its graph. {fix}"
+                )
+
+
+def _short(x: Any) -> str:
+    if torch.is_tensor(x):
+        return f"<tensor {list(x.shape)}>"
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == is not a truth value
+        return a is b

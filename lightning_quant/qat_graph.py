@@ -453,6 +453,8 @@ class QATGraph(nn.Module):
             self.capture(args, kwargs)
         self._sync()
         args, kwargs = self._normalize(args, kwargs)
+        what = f"{'A training' if self.training else 'An evaluation'} call of {self.name!r}"
+        self._normalize.check(args, kwargs, what)
         try:
             if self.training:
                 self.training_calls += 1
@@ -465,7 +467,7 @@ class QATGraph(nn.Module):
             saved = [c.clone() for c in counters]
             out = self.gm(*args, **kwargs)
         except AssertionError as err:  # the captured graph's shape guards
-            mismatch = shape_mismatch(err, f"A {'training' if self.training else 'evaluation'} call of {self.name!r}")
+            mismatch = shape_mismatch(err, what)
             if mismatch is None:
                 raise
             raise mismatch from None

@@ -291,3 +291,37 @@ def test_graph_to_cpu_moves_devices_recorded_in_the_graph():
     assert graph_to_cpu(gm) is gm
     assert all(n.kwargs["device"] == torch.device("cpu") for n in made)
     torch.testing.assert_close(gm(x), x + 1)
+
+
+@pytest.mark.parametrize(
+    ("later", "match"),
+    [
+        ({"mask": None}, r"An evaluation call of 'net' passes mask=None, but it was captured with a tensor there"),
+        ({}, r"An evaluation call of 'net' passes mask=None, but it was captured with a tensor there"),
+        (
+            {"mask": torch.ones(4, 4), "scale": 3.0},
+            r"passes scale=3.0, but it was captured with scale=2.0, a value baked",
+        ),
+    ],
+    ids=["tensor-now-None", "left-out", "other-constant"],
+)
+def test_a_qat_graph_called_unlike_its_capture_names_the_argument(later, match):
+    """`training_step` calling `self(x, mask=m)` and `validation_step` `self(x)` failed deep in the graph
+    ("'NoneType' object has no attribute 'size'", or torch's "Guard failed: scale == 2.0")."""
+    from lightning_quant import QATGraph, QuantConfig
+
+    graph = QATGraph(KwargsNet(), "net", QuantConfig(backend="x86")).train()
+    x = torch.randn(4, 16)
+    graph(x, scale=2.0, mask=torch.ones(4, 4))
+    graph.eval()
+    with pytest.raises(ValueError, match=match):
+        graph(x, **{"scale": 2.0, **later})
+
+
+def test_calibration_items_called_unlike_the_first_name_the_argument():
+    from lightning_quant.quantize import quantize_ptq
+
+    x, mask = torch.randn(4, 16), torch.ones(4, 4)
+    items = [{"x": x, "mask": mask}, {"x": x}]  # the second leaves `mask` at its default None
+    with pytest.raises(ValueError, match=r"Calibration batch 2 of 'KwargsNet' passes mask=None, but it was captured"):
+        quantize_ptq(KwargsNet().eval(), items, backend="x86")
