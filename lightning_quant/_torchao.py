@@ -7,7 +7,6 @@ Their APIs move fast; every other module goes through the small functions here. 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import logging
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.capture import is_zero_pad
+from lightning_quant.capture import deepcopy, is_zero_pad
 from lightning_quant.config import BACKENDS
 
 
@@ -420,7 +419,7 @@ def _cached_conv_bn_patterns() -> Iterator[None]:
             return original(pattern, example_inputs, is_cuda, **kwargs)
         if key not in _PATTERN_CACHE:
             _PATTERN_CACHE[key] = original(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(_PATTERN_CACHE[key])
+        return deepcopy(_PATTERN_CACHE[key])
 
     with _PATTERN_LOCK:  # two threads patching at once could leave the wrapper installed for good
         qat_utils._get_aten_graph_module_for_pattern = cached

@@ -12,6 +12,7 @@ Two layouts are supported without touching model code:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import warnings
@@ -233,6 +234,17 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- capture
+
+
+def deepcopy(obj: Any, memo: dict | None = None) -> Any:
+    """``copy.deepcopy`` without torch 2.13's FutureWarning for every pytree spec it copies.
+
+    Copying a ``TreeSpec`` (held by every exported graph) warns "`isinstance(treespec, LeafSpec)` is deprecated" from
+    inside torch: about 120 lines per QAT run, burying the warnings that matter. Nothing a user can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        return copy.deepcopy(obj, memo)
 
 
 def named_inputs(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:

@@ -270,6 +270,8 @@ def _ptq(args: argparse.Namespace) -> int:
     model_cls = _import_class(args.model, "--model", pl.LightningModule)
     dm_cls = _import_class(args.datamodule, "--datamodule", pl.LightningDataModule)
     ckpt = _existing_file(args.ckpt, "--ckpt")
+    if Path(args.out).expanduser().is_file():  # before the validation pass, not after it
+        raise CommandError(f"--out {args.out!r} is a file; pass a folder for the artifacts.")
     callback = DataModuleCalibration(  # validates every quantization argument before any loading
         backend=args.backend,
         num_calibration_samples=args.calibration_samples,

@@ -107,8 +107,15 @@ def resolve_backend(backend: Any) -> Backend:
     table = {b.name: b for b in BACKENDS.values()}
     for b in BACKENDS.values():
         table.update({alias: b for alias in b.aliases})
-    aliases = ", ".join(f"{a!r}->{b.name!r}" for a, b in table.items() if a != b.name)
-    key = _expect_choice("backend", backend, list(table), extra=f" (aliases {aliases})")
+    aliases = "; ".join(f"{', '.join(map(repr, b.aliases))} -> {b.name!r}" for b in BACKENDS.values())
+    key = backend.strip().lower() if isinstance(backend, str) else None
+    if key is not None and key not in table:  # the names first, then what each alias stands for (not every name twice)
+        names = ", ".join(repr(name) for name in BACKENDS)
+        raise ValueError(
+            f"Expected argument `backend` to be {names} or an alias ({aliases}), but got {backend!r}."
+            + _did_you_mean(key, list(table))
+        )
+    key = _expect_choice("backend", backend, list(table))  # the TypeError for a non-string
     return table[key]
 
 

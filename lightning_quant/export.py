@@ -6,7 +6,6 @@ Artifacts: ``.pt2`` AOTInductor package (x86), ``.pte`` ExecuTorch program lower
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import hashlib
 import io
@@ -30,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
-from lightning_quant.capture import ROUTE_ATTR, input_symbols, named_inputs
+from lightning_quant.capture import ROUTE_ATTR, deepcopy, input_symbols, named_inputs
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
 from lightning_quant.quantize import (
@@ -390,13 +389,13 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     reference = quantized
     if backend.name == "x86":
         _require_tensor_outputs(quantized, info["name"])
-        quantized = copy.deepcopy(quantized)
+        quantized = deepcopy(quantized)
         fold_pads_into_depthwise_qconvs(quantized)
         qconv1d_as_qconv2d(quantized)
         pad_single_channel_qconvs(quantized)
         contiguous_linear_inputs(quantized)
     else:
-        quantized = copy.deepcopy(quantized)
+        quantized = deepcopy(quantized)
         own_constants_per_call(quantized)
     ep = capture_export(
         quantized,
@@ -582,6 +581,8 @@ class QuantizedArtifact(nn.Module):
         self._out_spec = treespec_loads(sidecar["out_spec"])
         kw_spec = self._in_spec.children()[1] if self._in_spec.num_children == 2 else None
         self._kwarg_names = list(kw_spec.context) if kw_spec is not None and kw_spec.context else []
+        args_spec = self._in_spec.children()[0] if self._in_spec.num_children == 2 else None
+        self._num_args = args_spec.num_children if args_spec is not None else None
         # x86: call the AOTI loader directly. Its Python wrapper (``AOTICompiledModel.__call__``) re-parses the call
         # spec's JSON and flattens the inputs again on every call (with our checks, ~70 us per call: 0.07 of 0.62 ms
         # for a small net at batch 1; ~10 us without it).
@@ -663,16 +664,28 @@ class QuantizedArtifact(nn.Module):
                     f"{self.path.name}: dim {d} takes sizes from 2 to {largest[d]} (`dynamic_dims`), but got {listed}."
                 )
 
-    def _missing_keywords(self, kwargs: dict[str, Any]) -> None:
+    def _missing_keywords(self, args: tuple, kwargs: dict[str, Any]) -> None:
         missing = [k for k in self._kwarg_names if k not in kwargs]
         if not missing:
             return
         constants = {s.get("name"): s["constant"] for s in self.sidecar["inputs"] if "constant" in s}
         hint = ", ".join(f"{k}={constants[k]}" if k in constants else k for k in missing)
+        if self._num_args is not None and len(args) > self._num_args:
+            n = self._num_args
+            raise TypeError(
+                f"{self.path.name} takes {n} positional argument{'s' * (n != 1)} and the keyword arguments "
+                f"{self._kwarg_names}, as in the call it was exported from, but got {len(args)} positional: pass "
+                f"{hint} by keyword."
+            )
+        missing_are = f"{missing} {'is' if len(missing) == 1 else 'are'} missing"
+        why = (
+            " (a non-tensor argument is baked into the artifact with the value it had at capture, not its default)"
+            if any(k in constants for k in missing)
+            else ""
+        )
         raise TypeError(
             f"{self.path.name} was exported with the keyword arguments {self._kwarg_names} and needs them all, but "
-            f"{missing} {'is' if len(missing) == 1 else 'are'} missing: pass {hint} by keyword (a non-tensor "
-            "argument is baked into the artifact with the value it had at capture, not its default)."
+            f"{missing_are}: pass {hint} by keyword{why}."
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -690,7 +703,7 @@ class QuantizedArtifact(nn.Module):
         else:
             leaves, _ = tree_flatten((args, kwargs))
         if self._kwarg_names and not all(k in kwargs for k in self._kwarg_names):
-            self._missing_keywords(kwargs)
+            self._missing_keywords(args, kwargs)
         self._check(leaves)
         inputs = [x.detach().contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
         if self.backend == "x86":  # constants are baked in; the program takes the tensors

@@ -16,7 +16,6 @@ It also fixes what PT2E graphs get wrong inside a training framework:
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from lightning_quant import _fast_qat, _torchao
 from lightning_quant.capture import (
     SELF,
     CallNormalizer,
+    deepcopy,
     detach_inputs,
     export,
     graph_to_cpu,
@@ -490,7 +490,7 @@ class QATGraph(nn.Module):
                 f"observers were frozen before its first training batch. Keep {self.name!r} in train mode while it "
                 "trains (call `.train()` on it, e.g. in `on_train_epoch_start`), and freeze observers later."
             )
-        gm = graph_to_cpu(copy.deepcopy(self.gm))
+        gm = graph_to_cpu(deepcopy(self.gm))
         _fast_qat.uninstall(gm)  # convert_pt2e pattern-matches torchao's own QAT graph
         set_graph_training(gm, False)
         q = strip_unused_attrs(_torchao.convert(gm))

@@ -8,7 +8,6 @@ Usable from a plain PyTorch loop::
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +22,7 @@ from lightning_quant.capture import (
     CallNormalizer,
     batch_size_of,
     compiled_wrapper_inner,
+    deepcopy,
     detach_inputs,
     export,
     is_zero_pad,
@@ -65,7 +65,7 @@ def strip_unused_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def structural_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure that shares its Parameter and buffer objects (for rewriting before capture)."""
     memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
+    return deepcopy(module, memo)
 
 
 def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -345,7 +345,7 @@ class CalibrationGraph(nn.Module):
 
     def __init__(self, module: nn.Module, name: str, config: QuantConfig) -> None:
         super().__init__()
-        snapshot = capturable(copy.deepcopy(module).cpu().eval(), config.backend)
+        snapshot = capturable(deepcopy(module).cpu().eval(), config.backend)
         self._snapshot = [snapshot]  # a list hides it from the module tree (state_dict, .to(), .train())
         self.name = name
         self.config = config
@@ -424,7 +424,7 @@ class CalibrationGraph(nn.Module):
                 f"({where}); an int8 range cannot be taken from them. Clean the calibration data, or keep the model "
                 "from producing such values where it is quantized."
             )
-        prepared = copy.deepcopy(self.prepared)
+        prepared = deepcopy(self.prepared)
         corrected = _bias_correction.apply(prepared, correct=self.config.bias_correction)
         q = strip_unused_attrs(_torchao.convert(prepared))
         q.meta[META_KEY] = {

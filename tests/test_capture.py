@@ -325,3 +325,21 @@ def test_calibration_items_called_unlike_the_first_name_the_argument():
     items = [{"x": x, "mask": mask}, {"x": x}]  # the second leaves `mask` at its default None
     with pytest.raises(ValueError, match=r"Calibration batch 2 of 'KwargsNet' passes mask=None, but it was captured"):
         quantize_ptq(KwargsNet().eval(), items, backend="x86")
+
+
+def test_qat_and_ptq_do_not_repeat_torchs_treespec_warning():
+    """Every deepcopy of an exported graph warned "`isinstance(treespec, LeafSpec)` is deprecated" (torch 2.13):
+    about 120 lines per QAT run, burying the warnings that matter."""
+    import warnings
+
+    from lightning_quant import QATGraph, QuantConfig
+    from lightning_quant.quantize import quantize_ptq
+
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = QATGraph(TinyConvNet(), "net", QuantConfig(backend="x86")).train()
+        graph(x).sum().backward()
+        graph.eval().convert()
+        quantize_ptq(TinyConvNet().eval(), [x], backend="x86")
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -292,6 +293,11 @@ def test_ptq_command_checks_modules_and_data_before_quantizing(float_ckpt, tmp_p
     digits = ["--datamodule-args", json.dumps({"data_dir": str(data_dir)})]
     assert main([*base, *digits, "--modules", "nothere"]) == 2
     assert "'nothere' does not exist" in _one_error_line(capsys.readouterr().err)
+    before = ckpt.read_bytes()
+    with mock.patch("lightning.pytorch.Trainer.validate", side_effect=AssertionError("validated first")):
+        assert main([*base[:-1], str(ckpt), *digits]) == 2  # --out names the checkpoint
+    assert f"--out {str(ckpt)!r} is a file" in _one_error_line(capsys.readouterr().err)
+    assert ckpt.read_bytes() == before
     assert main([*base, *digits, "--calibration-data", "val", "--calibration-samples", "1"]) == 0  # val works too
     assert (tmp_path / "model_int8.pt2").is_file()
 

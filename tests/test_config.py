@@ -18,7 +18,7 @@ BAD_INPUTS = [
     # (callable, kwargs, exception, regex the message must match)
     (QuantConfig, {"backend": "x87"}, ValueError, r"`backend`.*Did you mean 'x86'\?"),
     (QuantConfig, {"backend": "fbgem"}, ValueError, r"`backend`.*Did you mean 'fbgemm'\?"),
-    (QuantConfig, {"backend": "cuda"}, ValueError, r"`backend` to be one of 'x86', 'arm'"),
+    (QuantConfig, {"backend": "cuda"}, ValueError, r"`backend` to be 'x86', 'arm' or an alias \('fbgemm', "),
     (QuantConfig, {"backend": None}, TypeError, r"`backend` to be a string.*NoneType"),
     (QuantConfig, {"backend": 86}, TypeError, r"`backend` to be a string.*int"),
     (resolve_backend, {"backend": "amr"}, ValueError, r"`backend`.*Did you mean 'arm'\?"),
