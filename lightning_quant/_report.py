@@ -179,7 +179,8 @@ def finish(
         int8_ms = median_ms(art, *args, **kwargs)
         report.artifacts[name] = path
         report.parity_max_abs_diff[name] = diff
-        report.size_bytes[name] = (export.float_size_bytes(float_module), path.stat().st_size)
+        fp32_bytes = q.meta[META_KEY].get("fp32_size_bytes") or export.float_size_bytes(float_module)
+        report.size_bytes[name] = (fp32_bytes, path.stat().st_size)
         report.latency_ms[name] = (fp32_ms, int8_ms)
         report.batch_size[name] = next(
             (x.shape[0] for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor) and x.ndim), 1

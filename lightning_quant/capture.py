@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import io
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -414,6 +415,25 @@ def export(
     if fold_zero_pads_into_convs(ep.graph):
         ep.graph_module.recompile()
     return ep
+
+
+def saved_bytes(state: dict[str, Any]) -> int:
+    """Size of the tensors in ``state`` as ``torch.save`` writes them (the fp32 baseline of size ratios)."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}, buf)
+    return buf.tell()
+
+
+def used_state_bytes(ep: torch.export.ExportedProgram) -> int:
+    """:func:`saved_bytes` of the parameters and buffers ``ep``'s graph reads.
+
+    ``torch.export`` lifts every parameter and buffer of the module, used or not (a loss network or a teacher kept on
+    the LightningModule): those are no part of the int8 artifact, so they are no part of its fp32 baseline either.
+    """
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    sig = ep.graph_signature
+    keys = {fqn for name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items() if name in used}
+    return saved_bytes({k: v for k, v in ep.state_dict.items() if k in keys})
 
 
 def shape_mismatch(err: AssertionError, what: str) -> ValueError | None:

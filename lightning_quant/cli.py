@@ -370,13 +370,15 @@ def _describe(path: Path, sc: dict, sha_ok: bool) -> str:
     size, fp32 = sc.get("size_bytes"), sc.get("fp32_size_bytes")
     sized = _is_number(size) and _is_number(fp32) and fp32
     ratio = f" ({size / fp32:.2f}x the fp32 weights, {kib(fp32)})" if sized else ""
+    # `save` on a quantize_ptq/quantize_qat model has no callback to name the method: the observer tells it
+    method = str(sc.get("method") or ("QAT" if sc.get("observer") == "qat" else "PTQ"))
     versions = sc.get("versions") if isinstance(sc.get("versions"), dict) else {}
     machine = sc.get("machine") if isinstance(sc.get("machine"), dict) else {}
     versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     rows = [
         ("file", f"{path}"),
         ("backend", f"{sc['backend']}: {sc.get('artifact', '')}"),
-        ("method", f"{sc.get('method', '?')}, submodule {sc.get('submodule', '?')!r}"),
+        ("method", method + (f", submodule {sc['submodule']!r}" if sc.get("submodule") else "")),
         ("size", f"{kib(size)}{ratio}"),
         ("sha256", f"{sc['sha256'][:16]}... ({'matches the file' if sha_ok else 'DOES NOT match the file'})"),
         ("inputs", f"{inputs} ({', '.join(limits)})"),

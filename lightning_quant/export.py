@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lightning_quant import _torchao
-from lightning_quant.capture import ROUTE_ATTR, deepcopy, input_symbols, named_inputs
+from lightning_quant.capture import ROUTE_ATTR, deepcopy, input_symbols, named_inputs, saved_bytes
 from lightning_quant.capture import export as capture_export
 from lightning_quant.config import BACKENDS, QuantizationError, first_line, resolve_backend
 from lightning_quant.quantize import (
@@ -94,15 +94,13 @@ def write_json_atomic(path: Path, data: dict[str, Any] | str) -> None:
 
 
 def float_size_bytes(module: nn.Module) -> int:
-    """Size of ``module``'s float state_dict as ``torch.save`` writes it (the fp32 baseline of size ratios)."""
-    buf = io.BytesIO()
-    state = {
-        k: v.detach().cpu()
-        for k, v in module.state_dict().items()
-        if isinstance(v, torch.Tensor) and not k.startswith(ROUTE_ATTR + ".")  # not a stand-in routed to by `forward`
-    }
-    torch.save(state, buf)
-    return buf.tell()
+    """Size of ``module``'s float state_dict as ``torch.save`` writes it.
+
+    The whole state_dict, used by ``forward`` or not; the callbacks' size ratios count only what the captured graph
+    reads (:func:`~lightning_quant.capture.used_state_bytes`).
+    """
+    # not a stand-in routed to by `forward`
+    return saved_bytes({k: v for k, v in module.state_dict().items() if not k.startswith(ROUTE_ATTR + ".")})
 
 
 def _symbolic_dims(ep: torch.export.ExportedProgram, n_inputs: int) -> list[dict[int, str]] | None:
@@ -283,8 +281,8 @@ def _compiler_errors(backend: str, name: str | None) -> Iterator[None]:
 _SIDECAR_KEYS = (
     "format", "backend", "artifact", "file", "sha256", "size_bytes", "contains_native_code", "submodule", "inputs",
     "in_spec", "out_spec", "max_batch_size", "dynamic_dims", "num_calibration_samples", "observer",
-    "weight_granularity", "bias_corrected_layers", "versions", "machine", "created", "undelegated_ops",
-    "parity_max_abs_diff",
+    "weight_granularity", "bias_corrected_layers", "fp32_size_bytes", "versions", "machine", "created",
+    "undelegated_ops", "parity_max_abs_diff",
 )  # fmt: skip
 
 
@@ -438,6 +436,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
             "observer": info.get("observer"),
             "weight_granularity": info.get("weight_granularity", "per_channel"),
             "bias_corrected_layers": info.get("bias_corrected_layers", 0),
+            "fp32_size_bytes": info.get("fp32_size_bytes"),
             "versions": _versions(),
             "machine": {"platform": platform.platform(), "processor": platform.machine()},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

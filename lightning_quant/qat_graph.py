@@ -32,6 +32,7 @@ from lightning_quant.capture import (
     graph_to_cpu,
     retarget_devices,
     shape_mismatch,
+    used_state_bytes,
 )
 from lightning_quant.config import QuantConfig, QuantizationError
 from lightning_quant.quantize import META_KEY, capturable, strip_unused_attrs
@@ -222,6 +223,7 @@ class QATGraph(nn.Module):
         self.name = name
         self.config = config
         self.gm: torch.fx.GraphModule | None = None
+        self.fp32_size_bytes: int | None = None  # what the captured graph reads (not unused layers)
         self.example_inputs: tuple[tuple, dict] | None = None
         self.bn_frozen = False
         self.observers_frozen = False
@@ -324,6 +326,7 @@ class QATGraph(nn.Module):
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        self.fp32_size_bytes = used_state_bytes(ep)
         quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True, per_channel=self.config.per_channel)
         gm = _torchao.prepare(ep.module(), quantizer, is_qat=True)
         if _torchao.count_observers(gm) == 0:
@@ -504,6 +507,7 @@ class QATGraph(nn.Module):
             "num_calibration_samples": None,
             "observer": "qat",
             "weight_granularity": self.config.weight_granularity,
+            "fp32_size_bytes": self.fp32_size_bytes,
         }
         return q
 

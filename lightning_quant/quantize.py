@@ -28,6 +28,7 @@ from lightning_quant.capture import (
     is_zero_pad,
     named_inputs,
     shape_mismatch,
+    used_state_bytes,
 )
 from lightning_quant.config import QuantConfig, QuantizationError
 
@@ -350,6 +351,7 @@ class CalibrationGraph(nn.Module):
         self.name = name
         self.config = config
         self.prepared: torch.fx.GraphModule | None = None
+        self.fp32_size_bytes: int | None = None  # what the captured graph reads (not unused layers)
         self.example_inputs: tuple[tuple, dict] | None = None
         self.num_samples = 0
         self.num_batches = 0
@@ -381,6 +383,7 @@ class CalibrationGraph(nn.Module):
             quantizer = _torchao.get_quantizer(
                 self.config.backend, observer=self.config.observer, per_channel=self.config.per_channel
             )
+            self.fp32_size_bytes = used_state_bytes(ep)
             self.prepared = _torchao.prepare(ep.module(), quantizer)
             if _torchao.count_observers(self.prepared) == 0:
                 raise ValueError(
@@ -437,6 +440,7 @@ class CalibrationGraph(nn.Module):
             "observer": self.config.observer,
             "weight_granularity": self.config.weight_granularity,
             "bias_corrected_layers": corrected,
+            "fp32_size_bytes": self.fp32_size_bytes,
         }
         return q
 

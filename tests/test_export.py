@@ -219,7 +219,7 @@ def test_x86_loaded_in_process(x86_artifact, x86_loaded, float_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["x86", "arm"])
-def test_sidecar(request, backend):
+def test_sidecar(request, float_model, backend):
     art = request.getfixturevalue(f"{backend}_artifact")
     on_disk = json.loads(Path(str(art.path) + ".json").read_text())
     assert on_disk == art.sidecar
@@ -235,6 +235,7 @@ def test_sidecar(request, backend):
     assert on_disk["num_calibration_samples"] == 64
     assert (on_disk["observer"], on_disk["weight_granularity"]) == ("histogram", "per_channel")
     assert on_disk["bias_corrected_layers"] == 3  # conv, fc1, fc2
+    assert 0.95 < on_disk["fp32_size_bytes"] / float_size_bytes(float_model) <= 1  # what the graph reads: all of it
     assert on_disk["run"] == "test_export"  # user metadata is merged in
     versions = on_disk["versions"]
     assert versions["torch"] == torch.__version__
@@ -245,6 +246,18 @@ def test_sidecar(request, backend):
         assert versions["executorch"] is not None
         assert on_disk["undelegated_ops"] == []  # Flatten's view with a dynamic batch included
     assert sorted(os.listdir(art.path.parent)) == [art.path.name, art.path.name + ".json"]  # no temp files left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "arm"])
+def test_inspect_describes_an_artifact_saved_without_a_callback(request, capsys, backend):
+    from lightning_quant.cli import main
+
+    art = request.getfixturevalue(f"{backend}_artifact")
+    assert main(["inspect", str(art.path)]) == 0
+    lines = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["method"] == "PTQ, submodule 'ConvBNReLULinear'"  # no callback named it (was "?"): the observer does
+    assert lines["calibration"] == "64 samples, observer histogram"
 
 
 @pytest.mark.slow

@@ -197,6 +197,29 @@ def test_layers_on_the_lightning_module_keep_forward_signature(tmp_path):
     torch.testing.assert_close(model(x), FlatLayout.forward(model, x))
 
 
+class _WithTeacher(FlatLayout):
+    """A layer the LightningModule holds but its ``forward`` never calls (a distillation teacher, a loss network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.Linear(256, 256)
+
+
+@pytest.mark.slow
+def test_size_ratio_counts_only_what_the_int8_model_holds(tmp_path):
+    pl.seed_everything(0)
+    model = _WithTeacher()
+    ptq = PTQCallback(num_calibration_samples=32, dirpath=str(tmp_path), evaluate=False)
+    _fit(model, [ptq], tmp_path, max_epochs=1)
+    fp32, int8 = ptq.report.size_bytes["self"]
+    sidecar = json.loads(ptq.artifacts["self"].with_suffix(".pt2.json").read_text())
+    assert sidecar["fp32_size_bytes"] == fp32
+    used = sum(4 * p.numel() for m in (model.conv, model.bn, model.fc) for p in m.parameters())
+    teacher = 4 * sum(p.numel() for p in model.teacher.parameters())  # 257 KiB, 16x the rest
+    assert used <= fp32 < used + teacher / 4  # was the whole state_dict: the teacher made int8 look 17x smaller
+    assert int8 == ptq.artifacts["self"].stat().st_size
+
+
 @pytest.mark.slow
 def test_backbone_and_head_are_quantized_separately(tmp_path):
     pl.seed_everything(0)
