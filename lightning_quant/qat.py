@@ -660,14 +660,15 @@ def load_qat_checkpoint(
         raise ValueError(
             f"Expected argument `checkpoint_path` to be a Lightning checkpoint, but {checkpoint_path!r} is not."
         )
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)]
-    if not states:  # a weights-only checkpoint: the graphs' own state says what QAT ran on
-        states = _states_from_graphs(checkpoint["state_dict"])
-    if not states:
+    captured = _states_from_graphs(checkpoint["state_dict"])  # what QAT ran on: a weights-only checkpoint has these
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)] or captured
+    if not captured:  # a full checkpoint from before `start_epoch` holds the callback's state, but no graph yet
+        holds = "QATCallback state but no fake-quant graph yet" if states else "no QATCallback state"
+        holds = holds if states else f"{holds} and no fake-quant graphs"
         raise ValueError(
-            f"Expected `checkpoint_path` to be a checkpoint written with QATCallback, but {checkpoint_path!r} holds no "
-            "QATCallback state and no fake-quant graphs (it was saved before QAT started, or without QAT). A float "
-            f"checkpoint loads with `{cls.__name__}.load_from_checkpoint(...)`."
+            f"Expected `checkpoint_path` to be a checkpoint written with QATCallback, but {checkpoint_path!r} holds "
+            f"{holds} (it was saved before QAT started, or without QAT). Its float model loads with "
+            f"`{cls.__name__}.load_from_checkpoint(...)`."
         )
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     accepted = inspect.signature(cls.__init__).parameters

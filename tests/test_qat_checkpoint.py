@@ -658,3 +658,17 @@ def test_fine_tune_from_a_float_checkpoint_past_the_observer_freeze_is_refused_b
     qat = QATCallback(start_epoch=0, freeze_observer_epoch=3, dirpath=str(tmp_path / "q"))
     _fit(DropoutNet(), [qat], tmp_path, max_epochs=4, ckpt_path=float_ckpt)
     assert qat.report.artifacts["model"].is_file()
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_load_qat_checkpoint_refuses_a_checkpoint_saved_before_qat_started(weights_only, tmp_path):
+    from lightning_quant import load_qat_checkpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_weights_only=weights_only)
+    qat = QATCallback(start_epoch=1, export=False)
+    _fit(DropoutNet(), [qat, ckpt], tmp_path, max_epochs=2, enable_checkpointing=True, limit_train_batches=1)
+    # a full checkpoint holds the callback's state but no fake-quant graph: refused as the weights-only one is (it
+    # returned a model whose QAT graphs would capture afresh, with new observers, at its first call)
+    holds = "no QATCallback state and no fake-quant graphs" if weights_only else "QATCallback state but no fake-quant"
+    with pytest.raises(ValueError, match=rf"holds {holds}.*saved before QAT started.*DropoutNet.load_from_checkpoint"):
+        load_qat_checkpoint(DropoutNet, str(tmp_path / "epoch=0.ckpt"))
