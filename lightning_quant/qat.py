@@ -663,8 +663,8 @@ def load_qat_checkpoint(
     captured = _states_from_graphs(checkpoint["state_dict"])  # what QAT ran on: a weights-only checkpoint has these
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith(QATCallback.__name__)] or captured
     if not captured:  # a full checkpoint from before `start_epoch` holds the callback's state, but no graph yet
-        holds = "QATCallback state but no fake-quant graph yet" if states else "no QATCallback state"
-        holds = holds if states else f"{holds} and no fake-quant graphs"
+        holds = "QATCallback state but no fake-quant graph yet"
+        holds = holds if states else "no QATCallback state and no fake-quant graphs"
         raise ValueError(
             f"Expected `checkpoint_path` to be a checkpoint written with QATCallback, but {checkpoint_path!r} holds "
             f"{holds} (it was saved before QAT started, or without QAT). Its float model loads with "
