@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,13 @@ def check_dirpath(path: Path) -> Path:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
+    try:  # a real write: `os.access` says yes to root anywhere, /proc and /sys included
+        os.rmdir(tempfile.mkdtemp(prefix=".lightning_quant_probe_", dir=probe))
+    except OSError as err:
         raise PermissionError(
-            f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not. Pass a folder you can write to."
-        )
+            f"Expected argument `dirpath` to be writable, but {str(probe)!r} is not ({err.strerror or err}). Pass a "
+            "folder you can write to."
+        ) from None
     return path
 
 
