@@ -661,9 +661,10 @@ def test_load_refuses_a_pte_that_is_no_program_even_unverified(arm_artifact, tmp
         load(path, verify=False)
 
 
-def test_arm_batch_zero_is_refused_by_name(arm_artifact):
+def test_arm_batch_zero_is_refused_by_name_and_x86_returns_empty_outputs(arm_artifact, x86_loaded):
     with pytest.raises(ValueError, match=r"batch 0 is empty; the arm runtime \(XNNPACK\) needs at least 1 sample"):
         load(arm_artifact.path)(torch.randn(0, 1, 28, 28))
+    assert x86_loaded(torch.randn(0, 1, 28, 28)).shape == x86_loaded(torch.randn(2, 1, 28, 28))[:0].shape
 
 
 @pytest.mark.slow
