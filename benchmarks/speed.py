@@ -158,24 +158,6 @@ def calibration_batches(shape: tuple[int, ...], samples: int, batch: int = 32, s
     return out
 
 
-def set_threads(n: int) -> None:
-    """Thread count for torch and ExecuTorch (programs loaded before an ExecuTorch change must be loaded again)."""
-    torch.set_num_threads(n)
-    with contextlib.suppress(ImportError):
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        if executorch_threads() != n:
-            _unsafe_reset_threadpool(n)
-
-
-def executorch_threads() -> int | None:
-    try:
-        from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
-    except ImportError:
-        return None
-    return int(_threadpool_get_thread_count())
-
-
 @contextlib.contextmanager
 def timed(store: dict[str, Any], key: str) -> Iterator[None]:
     t = time.perf_counter()
@@ -437,7 +419,7 @@ def batch1_anatomy(model: nn.Module, x86: Route | None, threads: int = 1) -> dic
     calls (``onednn.qconv_pointwise``): its arithmetic takes nanoseconds, so its time is PyTorch's per-call overhead
     (the oneDNN primitive descriptor, scratchpad and scale tensors are rebuilt on every call).
     """
-    set_threads(threads)
+    _torchao.set_num_threads(threads)
     out: dict[str, Any] = {"threads": threads}
     x = torch.zeros(1, 16, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     w = torch.randint(-127, 127, (16, 16, 1, 1), dtype=torch.int8)
@@ -511,7 +493,7 @@ def qat_step_ratio(name: str, s: dict[str, Any], threads: int) -> dict[str, Any]
 
 def ptq_time(s: dict[str, Any], threads: int) -> dict[str, Any]:
     """Wall time of ``quantize_ptq`` (capture, calibrate, convert) vs calibration samples, for one small net."""
-    set_threads(threads)
+    _torchao.set_num_threads(threads)
     name = s["ptq_net"]
     model = make_net(name)
     points = []
@@ -527,7 +509,7 @@ def ptq_time(s: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def bench_net(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
-    set_threads(max(s["threads"]))
+    _torchao.set_num_threads(max(s["threads"]))
     model = make_net(name)
     shape = INPUT_SHAPES[name]
     with torch.no_grad():
@@ -543,7 +525,7 @@ def bench_net(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     rounds = s["rounds_large"] if name == "efficientnet_lite0" else s["rounds"]
     g = torch.Generator().manual_seed(3)
     for threads in s["threads"]:
-        set_threads(threads)
+        _torchao.set_num_threads(threads)
         res["latency_ms"][str(threads)] = {}
         for batch in s["batches"]:
             x = torch.randn(batch, *shape, generator=g)
@@ -558,7 +540,7 @@ def bench_net(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     for rt in routes.values():
         if isinstance(rt, ExecuTorchRoute):
             rt.call = None  # never outlive the threadpool they were loaded under
-    set_threads(1)
+    _torchao.set_num_threads(1)
     loads = load_times(routes, s["loads"])
     artifacts = {}
     for r in ARTIFACTS:
@@ -660,8 +642,8 @@ def run(s: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
             (work / name).mkdir()
             results["nets"][name] = bench_net(name, s, work)
             torch._dynamo.reset()
-    set_threads(max(s["threads"]))
-    results["executorch_threads_after_reset"] = executorch_threads()
+    _torchao.set_num_threads(max(s["threads"]))
+    results["executorch_threads_after_reset"] = _torchao.executorch_threads()
     print(f"[{time.perf_counter() - t0:6.0f} s] QAT step", flush=True)
     results["qat_step"] = {n: qat_step_ratio(n, s, max(s["threads"])) for n in s["qat_nets"]}
     print(f"[{time.perf_counter() - t0:6.0f} s] PTQ time", flush=True)

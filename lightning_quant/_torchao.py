@@ -721,3 +721,26 @@ def load_executorch_method(program: str | bytes) -> Any:
     method = loaded.load_method("forward")
     method.lq_program = loaded  # the Program holds the bytes the method runs from: keep it as long as the method
     return method
+
+
+def executorch_threads() -> int | None:
+    """Threads of ExecuTorch's threadpool (the one XNNPACK delegates run on); None without ``executorch``."""
+    try:
+        with _quiet_import():
+            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+    except ImportError:
+        return None
+    return int(_threadpool_get_thread_count())
+
+
+def set_num_threads(n: int) -> None:
+    """``torch.set_num_threads(n)``, and the same for ExecuTorch's threadpool when ``executorch`` is installed.
+
+    Call it before loading a ``.pte``: ExecuTorch's reset frees the threadpool that programs loaded before it still
+    point to (running one afterwards crashed here).
+    """
+    torch.set_num_threads(n)
+    if executorch_threads() not in (None, n):
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(n)

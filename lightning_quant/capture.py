@@ -419,8 +419,12 @@ def export(
 
 def saved_bytes(state: dict[str, Any]) -> int:
     """Size of the tensors in ``state`` as ``torch.save`` writes them (the fp32 baseline of size ratios)."""
+
+    def on_cpu(t: torch.Tensor) -> torch.Tensor:  # a meta tensor has no data to copy (nor to save): its size then
+        return torch.empty_like(t, device="cpu") if t.is_meta else t.detach().cpu()
+
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}, buf)
+    torch.save({k: on_cpu(v) for k, v in state.items() if isinstance(v, torch.Tensor)}, buf)
     return buf.tell()
 
 

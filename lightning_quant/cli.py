@@ -66,12 +66,11 @@ def _demo(args: argparse.Namespace) -> int:
     import copy
 
     import lightning.pytorch as pl
-    import torch
 
     from lightning_quant import PTQCallback, QATCallback, _torchao
     from lightning_quant.demo import DemoData, LitClassifier
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    _set_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     dm = DemoData(data_dir=args.data, batch_size=128, train_subset=args.train_subset, test_subset=args.test_subset)
     if args.data and dm.name != "fashion-mnist":
@@ -238,13 +237,22 @@ def _datamodule(cls: type, args_json: str | None) -> Any:
         raise CommandError(f"--datamodule {cls.__name__}: {err}.") from None
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None, executorch: bool = True) -> None:
+    """``--threads`` for torch and (``executorch``) ExecuTorch's threadpool, which runs a ``.pte``.
+
+    Before any ``.pte`` is loaded: the threadpool's reset frees the one loaded programs use.
+    """
     import torch
+
+    from lightning_quant import _torchao
 
     if threads is not None:
         if threads < 1:
             raise CommandError(f"--threads must be >= 1, got {threads}.")
-        torch.set_num_threads(threads)
+        if executorch:
+            _torchao.set_num_threads(threads)
+        else:
+            torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------- ptq
@@ -457,15 +465,16 @@ def _example_inputs(sidecar: dict, batch: int) -> tuple[tuple, dict]:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from lightning_quant import export
+    from lightning_quant import _torchao, export
     from lightning_quant._report import median_ms
 
     if (args.model is None) != (args.ckpt is None):
         raise CommandError("--model and --ckpt go together: both give the float baseline, or neither.")
     if args.batch < 1 or args.repeats < 1:
         raise CommandError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}.")
-    _set_threads(args.threads)
     path = _existing_file(args.artifact, "ARTIFACT")
+    is_pte = export.read_sidecar(path)["backend"] == "arm"
+    _set_threads(args.threads, executorch=is_pte)
     baseline = None
     if args.model is not None:
         import lightning.pytorch as pl
@@ -489,10 +498,8 @@ def _bench(args: argparse.Namespace) -> int:
                 f"{model_cls.__name__} lacks ({err})."
             ) from None
     int8_ms = median_ms(artifact, *call_args, repeats=args.repeats, **call_kwargs)
-    print(
-        f"{path.name} ({sidecar['backend']}), batch {args.batch}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats} runs"
-    )
+    threads = _torchao.executorch_threads() if is_pte else torch.get_num_threads()  # what ran it
+    print(f"{path.name} ({sidecar['backend']}), batch {args.batch}, {threads} thread(s), median of {args.repeats} runs")
     print(f"int8 artifact  {int8_ms:9.3f} ms")
     if baseline is not None:
         fp32_ms = median_ms(baseline, *call_args, repeats=args.repeats, **call_kwargs)

@@ -661,6 +661,19 @@ def test_load_refuses_a_pte_that_is_no_program_even_unverified(arm_artifact, tmp
         load(path, verify=False)
 
 
+@pytest.mark.slow
+def test_bench_runs_a_pte_on_the_threads_asked_for(arm_artifact):
+    # in a process of its own: resetting ExecuTorch's threadpool frees the one programs loaded here run on
+    for threads in (1, 2):
+        argv = ["bench", str(arm_artifact.path), "--threads", str(threads), "--batch", "2", "--repeats", "2"]
+        code = "import sys; from lightning_quant.cli import main; from lightning_quant import _torchao; "
+        code += f"rc = main({argv!r}); print('executorch threads', _torchao.executorch_threads()); sys.exit(rc)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert f"batch 2, {threads} thread(s)" in out.stdout  # was torch's count; ExecuTorch kept its own
+        assert f"executorch threads {threads}" in out.stdout
+
+
 def test_arm_batch_zero_is_refused_by_name_and_x86_returns_empty_outputs(arm_artifact, x86_loaded):
     with pytest.raises(ValueError, match=r"batch 0 is empty; the arm runtime \(XNNPACK\) needs at least 1 sample"):
         load(arm_artifact.path)(torch.randn(0, 1, 28, 28))
