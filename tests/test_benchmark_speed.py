@@ -193,3 +193,32 @@ def test_qat_step_measures_under_the_glibc_settings_it_names():
         assert tuned["big_malloc"] == [json.dumps({"kept": True, "mmapped": False})]
     for m in (base, tuned, got["same_process"]):
         assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]), m
+
+
+def test_render_judges_the_targets_again_from_the_stored_results(tmp_path):
+    """``speed.py --render`` rewrites targets, table and plot from ``speed.json`` without measuring anything."""
+    stored = json.loads((ROOT / "benchmarks" / "results" / "speed.json").read_text())
+    net = next(iter(stored["nets"].values()))
+    lat = net["latency_ms"]["1"]["1"]
+    lat.update(x86_int8=0.5, arm_int8=0.1, ort_int8=0.2)  # the .pte runs faster than ORT, the .pt2 slower
+    stored["targets"] = []
+    (tmp_path / "speed.json").write_text(json.dumps(stored))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    by_target = {(t["target"], t["where"]): t for t in json.loads((tmp_path / "speed.json").read_text())["targets"]}
+    where = f"{next(iter(stored['nets']))}, 1 thread"
+    x86 = by_target[("x86 int8 at least as fast as ONNX Runtime int8, batch 1", where)]
+    assert (x86["measured"], x86["met"]) == (0.4, False)
+    ours = by_target[
+        ("our fastest int8 artifact on x86 (.pt2, or the .pte via ExecuTorch) at least as fast as ONNX Runtime int8, "
+         "batch 1", where)
+    ]  # fmt: skip
+    assert (ours["measured"], ours["met"]) == ("2.00× (int8 arm .pte (ours))", True)
+    assert "| 2.00× (int8 arm .pte (ours)) | met |" in (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed.png").stat().st_size > 0
