@@ -663,6 +663,12 @@ def _dynamic_by_name(module: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> An
     return out
 
 
+_SAME_CALLS = (
+    "A captured graph takes the inputs of the first call it saw: pass the same arguments, in the same form, in every "
+    "step (training_step, validation_step, ...)."
+)
+
+
 class CallNormalizer:
     """Re-shape later calls like the call a graph was captured from, filling the forward's defaults.
 
@@ -678,6 +684,10 @@ class CallNormalizer:
             self.signature = None
         self.num_args = len(args)
         self.kw_names = tuple(kwargs)
+        try:  # the parameters the captured call passed; the others ran with their defaults, now baked in
+            self.passed: set[str] | None = set(self.signature.bind(*args, **kwargs).arguments)
+        except (AttributeError, TypeError):
+            self.passed = None
         # what the graph baked in: which inputs are tensors, and the values of the others
         self.captured = [(name, None if torch.is_tensor(x) else x) for name, x in named_inputs(args, kwargs)]
         self.is_tensor = [torch.is_tensor(x) for _, x in named_inputs(args, kwargs)]
@@ -695,18 +705,42 @@ class CallNormalizer:
         call_kwargs = {k: bound.arguments[k] for k in self.kw_names if k in bound.arguments}
         return call_args, call_kwargs
 
-    def check(self, args: tuple, kwargs: dict, what: str) -> None:
-        """Raise if a normalized call passes other inputs than the captured one (the graph would fail deep inside).
+    def normalize(self, args: tuple, kwargs: dict, what: str) -> tuple[tuple, dict]:
+        """The call re-shaped like the captured one; raises if it passes other inputs than the captured call.
 
         E.g. ``training_step`` calls ``self(x, mask=m)`` and ``validation_step`` ``self(x)``: the graph captured from
-        one cannot run the other (a tensor input is None, or a non-tensor argument, baked in, has another value).
+        one cannot run the other (a tensor input is None, or a non-tensor argument, baked in, has another value), and
+        run from ``self(x)`` it would ignore a ``mask`` passed later.
         """
+        self._check_left_out(args, kwargs, what)
+        args, kwargs = self(args, kwargs)
+        self._check(args, kwargs, what)
+        return args, kwargs
+
+    def _check_left_out(self, args: tuple, kwargs: dict, what: str) -> None:
+        """Refuse an argument the captured call left out (its default is baked in) given another value now."""
+        if self.passed is None:
+            return
+        try:
+            explicit = self.signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return  # the graph raises its own error
+        for name, value in explicit.items():
+            p = self.signature.parameters[name]
+            if name in self.passed or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if p.default is p.empty or torch.is_tensor(value) or not _same(value, p.default):
+                raise ValueError(
+                    f"{what} passes {name}={_short(value)}, but it was captured from a call that left `{name}` out: "
+                    f"its graph runs with the default {name}={_short(p.default)} baked in and would ignore it. "
+                    f"{_SAME_CALLS}"
+                )
+
+    def _check(self, args: tuple, kwargs: dict, what: str) -> None:
+        """Raise if a normalized call passes other inputs than the captured one (the graph would fail deep inside)."""
         now = named_inputs(args, kwargs)
         names, was = [n for n, _ in now], [n for n, _ in self.captured]
-        fix = (
-            "A captured graph takes the inputs of the first call it saw: pass the same arguments, in the same form, "
-            "in every step (training_step, validation_step, ...)."
-        )
+        fix = _SAME_CALLS
         if names != was:
             gone, new = [n for n in was if n not in names], [n for n in names if n not in was]
             detail = "".join(

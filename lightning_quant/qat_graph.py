@@ -455,9 +455,8 @@ class QATGraph(nn.Module):
         if self.gm is None:
             self.capture(args, kwargs)
         self._sync()
-        args, kwargs = self._normalize(args, kwargs)
         what = f"{'A training' if self.training else 'An evaluation'} call of {self.name!r}"
-        self._normalize.check(args, kwargs, what)
+        args, kwargs = self._normalize.normalize(args, kwargs, what)
         try:
             if self.training:
                 self.training_calls += 1

@@ -394,8 +394,7 @@ class CalibrationGraph(nn.Module):
                 _bias_correction.attach(self.prepared)
         self.num_samples += batch or 1
         self.num_batches += 1
-        args, kwargs = self._normalize(args, kwargs)
-        self._normalize.check(args, kwargs, f"Calibration batch {self.num_batches} of {self.name!r}")
+        args, kwargs = self._normalize.normalize(args, kwargs, f"Calibration batch {self.num_batches} of {self.name!r}")
         try:
             return self.prepared(*args, **kwargs)
         except AssertionError as err:  # the captured graph's shape guards

@@ -318,6 +318,28 @@ def test_a_qat_graph_called_unlike_its_capture_names_the_argument(later, match):
         graph(x, **{"scale": 2.0, **later})
 
 
+@pytest.mark.parametrize(
+    ("later", "match"),
+    [
+        ({"mask": torch.zeros(4, 4)}, r"passes mask=<tensor \[4, 4\]>, but it was captured from a call that left"),
+        ({"scale": 100.0}, r"passes scale=100.0, .* left `scale` out: its graph runs with the default scale=1.0 baked"),
+    ],
+    ids=["tensor-given-now", "other-value-given-now"],
+)
+def test_an_argument_the_capture_left_out_is_refused_when_given_later(later, match):
+    """Captured from `self(x)` (`training_step`), a graph ran `self(x, mask=m)` (`validation_step`) ignoring the mask:
+    normalization dropped what the capture lacked before the check saw it (silently wrong outputs)."""
+    from lightning_quant import QATGraph, QuantConfig
+
+    graph = QATGraph(KwargsNet(), "net", QuantConfig(backend="x86")).train()
+    x = torch.randn(4, 16)
+    graph(x)
+    graph.eval()
+    graph(x, scale=1.0, mask=None)  # the defaults, given explicitly: what the graph runs anyway
+    with pytest.raises(ValueError, match=match):
+        graph(x, **later)
+
+
 def test_calibration_items_called_unlike_the_first_name_the_argument():
     from lightning_quant.quantize import quantize_ptq
 
