@@ -465,8 +465,44 @@ def unshare_weights(gm: torch.fx.GraphModule) -> int:
     return added
 
 
+def own_attributes_per_read(gm: torch.fx.GraphModule) -> int:
+    """Point every ``get_attr`` node but the first of a tensor attribute at a copy of its own.
+
+    torchao folds a BatchNorm into its conv by writing the folded weight back to the conv's weight attribute (at
+    ``prepare_pt2e``; for QAT at ``convert_pt2e``). A conv module called twice (a shared head, a siamese encoder) had
+    both folds write to one attribute: the second call folded its BatchNorm into the first call's result, and both
+    calls used that (int8 outputs off by the whole output range). Copies are made only for tensors read more than once.
+    Returns the copies made.
+    """
+    seen: set[str] = set()
+    made = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = functools.reduce(getattr, node.target.split("."), gm)
+        if node.target not in seen or not isinstance(value, torch.Tensor):
+            seen.add(node.target)
+            continue
+        i = 0
+        while hasattr(gm, f"{node.target.replace('.', '_')}_read{i}"):
+            i += 1
+        name = f"{node.target.replace('.', '_')}_read{i}"
+        copy = value.detach().clone()
+        if isinstance(value, nn.Parameter):
+            gm.register_parameter(name, nn.Parameter(copy, requires_grad=value.requires_grad))
+        else:
+            gm.register_buffer(name, copy)
+        node.target = name
+        made += 1
+    if made:
+        gm.recompile()
+    return made
+
+
 def prepare(gm: torch.fx.GraphModule, quantizer: Any, *, is_qat: bool = False) -> torch.fx.GraphModule:
     unshare_weights(gm)
+    if not is_qat:  # PTQ folds BatchNorms here; QAT trains the shared Parameter and folds in `convert`, on a copy
+        own_attributes_per_read(gm)
     q = _pt2e().quantize_pt2e
     if not is_qat:
         return q.prepare_pt2e(gm, quantizer)
@@ -587,6 +623,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     It mutates its input in place, so callers pass a copy they own.
     """
     use_trained_qparams(prepared)
+    own_attributes_per_read(prepared)  # each call of a shared conv folds its own BatchNorm
     # the lock (re-entrant) also guards the patched fold: two threads patching at once could leave it installed
     with _PATTERN_LOCK, _fold_with_the_graphs_bn_eps(prepared), _cached_conv_bn_patterns():
         return _pt2e().quantize_pt2e.convert_pt2e(prepared)

@@ -167,6 +167,34 @@ def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) 
             ) from err
 
 
+def _refuse_batch_norm_called_twice(ep: torch.export.ExportedProgram, module: nn.Module, name: str) -> None:
+    """Refuse a conv's BatchNorm called more than once per forward in training (torchao's QAT fusion fails on it).
+
+    A Conv-BN encoder applied to two inputs failed inside torchao: at capture on x86 ("Input partition has more than
+    one output node"), at convert on arm ("Tried to erase Node add_ but it still had 1 users"), after training.
+    """
+    calls: dict[str, set[str]] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        source = node.args[0] if node.args else None
+        if not (isinstance(source, torch.fx.Node) and "conv" in str(source.target)):
+            continue  # a BatchNorm after no conv is not fused
+        stack = node.meta.get("nn_module_stack") or {}
+        key, (fqn, cls) = next(reversed(stack.items()), ("", ("", None)))
+        if "BatchNorm" in str(cls):
+            calls.setdefault(fqn.partition("@")[0], set()).add(key)
+    for fqn, keys in calls.items():
+        if len(keys) > 1:
+            layer = fqn.removeprefix("L['self'].") or name
+            raise QuantizationError(
+                f"QAT cannot train {name!r} ({type(module).__name__}): its BatchNorm {layer!r} is called {len(keys)} "
+                "times per forward (a module applied to several inputs, as in a siamese encoder), and torchao's QAT "
+                "conv-BatchNorm fusion takes one call per BatchNorm. Quantize it with PTQCallback (which handles "
+                "it), or give each call a BatchNorm of its own."
+            )
+
+
 def is_captured_state(extra: Any) -> bool:
     """Whether a state_dict ``_extra_state`` value is that of a captured :class:`QATGraph`."""
     return isinstance(extra, dict) and bool(extra.get("example_spec"))
@@ -326,6 +354,7 @@ class QATGraph(nn.Module):
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        _refuse_batch_norm_called_twice(ep, module, self.name)
         self.fp32_size_bytes = used_state_bytes(ep)
         quantizer = _torchao.get_quantizer(self.config.backend, is_qat=True, per_channel=self.config.per_channel)
         gm = _torchao.prepare(ep.module(), quantizer, is_qat=True)
