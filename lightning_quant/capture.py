@@ -412,7 +412,7 @@ def export(
     _check_dynamic_dims(ep, args, kwargs, dynamic_dims, name)
     split_module_call_sites(ep.graph)
     relabel_layer_subclasses(ep.graph, module)
-    if fold_zero_pads_into_convs(ep.graph):
+    if explicit_conv_padding(ep.graph) + fold_zero_pads_into_convs(ep.graph):
         ep.graph_module.recompile()
     return ep
 
@@ -523,6 +523,51 @@ _CONV_DIMS = {
     torch.ops.aten.conv2d.default: 2,
     torch.ops.aten.conv3d.default: 3,
 }
+
+
+_STRING_PADDING_CONVS = {
+    torch.ops.aten.conv1d.padding: torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.padding: torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.padding: torch.ops.aten.conv3d.default,
+}
+
+
+def explicit_conv_padding(graph: torch.fx.Graph) -> int:
+    """Rewrite convolutions with ``padding="same"``/``"valid"`` as convolutions with integer padding; returns how many.
+
+    ``nn.Conv2d(..., padding="same")`` exports as ``aten.conv2d.padding``, an overload the PT2E quantizers do not
+    match: X86InductorQuantizer failed on it ("conv2d is not an aten conv2d operator") and a ``Conv1d`` stayed fp32.
+    An odd total padding (an even kernel) pads the extra zero on the right, as PyTorch does, with a pad node first.
+    """
+    done = 0
+    for conv in list(graph.nodes):
+        default = _STRING_PADDING_CONVS.get(conv.target) if conv.op == "call_function" else None
+        if default is None or conv.kwargs:
+            continue
+        dims = _CONV_DIMS[default]
+        x, weight, bias, stride, mode, dilation, groups = (*conv.args, *[None, 1, "valid", 1, 1][len(conv.args) - 2 :])
+        w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+        kernel = list(w.shape[2:]) if isinstance(w, torch.Tensor) else []
+        stride = [stride] * dims if isinstance(stride, int) else list(stride)
+        dilation = [dilation] * dims if isinstance(dilation, int) else list(dilation)
+        if len(kernel) != dims or not all(type(v) is int for v in [*kernel, *stride, *dilation]):
+            continue
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)] if mode == "same" else [0] * dims
+        left = [t // 2 for t in total]
+        extra = [t - lt for t, lt in zip(total, left)]
+        if extra != left:  # the zeros past the symmetric part, on the right of each dim (last dim first for pad)
+            with graph.inserting_before(conv):
+                x = graph.call_function(
+                    torch.ops.aten.constant_pad_nd.default,
+                    (x, [v for e, lt in zip(reversed(extra), reversed(left)) for v in (0, e - lt)]),
+                )
+            x.meta = {k: v for k, v in conv.meta.items() if k != "val"}
+            if isinstance(conv.args[0].meta.get("val"), torch.Tensor):
+                x.meta["val"] = torch.ops.aten.constant_pad_nd.default(conv.args[0].meta["val"], x.args[1])
+        conv.target = default
+        conv.args = (x, weight, bias, stride, left, dilation, groups)
+        done += 1
+    return done
 
 
 def fold_zero_pads_into_convs(graph: torch.fx.Graph) -> int:

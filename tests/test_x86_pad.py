@@ -17,6 +17,8 @@ from lightning_quant.capture import _PADS, export, fold_zero_pads_into_convs, is
 from lightning_quant.export import load, save
 from lightning_quant.quantize import fold_pads_into_depthwise_qconvs, quantize_ptq
 
+needs_executorch = pytest.mark.skipif(not _torchao.executorch_available(), reason="needs lightning-quant[arm]")
+
 QD = torch.ops.quantized_decomposed
 
 
@@ -206,3 +208,37 @@ def test_qat_fake_quantizes_every_conv1d_and_folds_its_batch_norm():
     assert torch.ops.aten.batch_norm.default not in [n.target for n in q.graph.nodes]  # Conv1d + BN folded
     with torch.no_grad():
         torch.testing.assert_close(q(x), graph(x), atol=0.1 * float(graph(x).abs().max()), rtol=0)
+
+
+class SamePadding(nn.Module):
+    """``padding="same"``/``"valid"`` convolutions (``aten.convNd.padding``), with an even kernel (asymmetric zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 4, padding="same", dilation=2)  # 6 zeros: 3 left, 3 right
+        self.c2 = nn.Conv2d(8, 8, (3, 2), padding="same")  # width: 0 left, 1 right
+        self.c3 = nn.Conv2d(8, 8, 3, padding="valid")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.c1(x)).unsqueeze(2).expand(-1, -1, 5, -1)
+        return self.c3(F.relu(self.c2(h))).mean((2, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", pytest.param("arm", marks=needs_executorch)])
+def test_string_padding_convs_are_quantized_and_exported(backend, tmp_path):
+    """`aten.conv2d.padding` failed in X86InductorQuantizer ("conv2d is not an aten conv2d operator"), and a
+    `Conv1d(padding="same")` stayed fp32: they are captured as convolutions with integer padding."""
+    torch.manual_seed(0)
+    net = SamePadding().eval()
+    q = quantize_ptq(net, [torch.randn(8, 4, 24) for _ in range(4)], backend=backend)
+    qd = torch.ops.quantized_decomposed
+    convs = [n for n in q.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 3 and all(n.args[1].target == qd.dequantize_per_channel.default for n in convs)
+    x = torch.randn(6, 4, 24)
+    want = net(x)
+    torch.testing.assert_close(q(x), want, atol=0.05 * float(want.max() - want.min()), rtol=0)
+    path = tmp_path / f"m{_torchao.BACKENDS[backend].suffix}"
+    save(q, path)  # checks the artifact against `q` itself (warns when they disagree)
+    got, want = load(path)(x), q(x)
+    torch.testing.assert_close(got, want, atol=0.02 * float(want.max() - want.min()), rtol=0)
