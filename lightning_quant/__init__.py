@@ -7,6 +7,7 @@ artifact loader, not Lightning (or torchao), which the callbacks need.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
@@ -42,7 +43,9 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is None:  # a submodule, as `import lightning_quant; lightning_quant.config` found it before
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")  # binds it in this namespace
         raise AttributeError(f"module 'lightning_quant' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function

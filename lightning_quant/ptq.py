@@ -120,6 +120,11 @@ class PTQCallback(QuantResults, Callback):
             )
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._dirpath = None  # `quantize(another_trainer)` later resolves that trainer's folder
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here, not at `setup`: the LightningModule's `setup` and `configure_model` run after it and may build layers
         resolve_targets(pl_module, self.config.modules)

@@ -279,6 +279,8 @@ class QATCallback(QuantResults, Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._bypass.stop()  # an epoch that did not end leaves no hooks on the user's layers
         self._defer, self._pending = False, {}
+        if stage == "fit":
+            self._dirpath = None  # resolved again by the next fit's `setup`, for its trainer
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -52,6 +52,17 @@ def _fresh_process_outputs(artifact: Path, inputs: list[torch.Tensor], tmp_path:
     return torch.load(tmp_path / "out.pt")
 
 
+def test_submodules_are_attributes_of_the_package_as_before_its_lazy_names():
+    code = (
+        "import lightning_quant as lq; "
+        "print(lq.config.resolve_backend('fbgemm').name, lq.export.float_size_bytes.__name__, lq.QuantConfig.__name__);"
+        "print(hasattr(lq, 'no_such_module'), hasattr(lq, '__wrapped__'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["x86", "float_size_bytes", "QuantConfig", "False", "False"]
+
+
 def _output_step(q: torch.fx.GraphModule) -> float:
     """The scale of the int8 model's output quantization (one step of its output grid)."""
     (out,) = [n for n in q.graph.nodes if n.op == "output"]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import CaptureError, PTQCallback, _torchao, load
+from lightning_quant import CaptureError, PTQCallback, QATCallback, _torchao, load
 
 needs_executorch = pytest.mark.skipif(not _torchao.executorch_available(), reason="needs lightning-quant[arm]")
 
@@ -623,6 +623,20 @@ def test_dirpath_that_is_a_file_fails_before_training(tmp_path):
     f.write_text("")
     with pytest.raises(ValueError, match=r"`dirpath`.*is a file"):
         _fit(AttrLayout(), [PTQCallback(dirpath=str(f))], tmp_path, max_epochs=1)
+
+
+@pytest.mark.parametrize("cls", [PTQCallback, QATCallback])
+def test_a_later_trainer_gets_its_own_default_folder(cls, tmp_path):
+    """The folder resolved at one fit's `setup` was kept: `PTQCallback.quantize(trainer_b, ...)` after
+    `trainer_a.fit` wrote into trainer A's folder."""
+    from lightning_quant._guards import artifact_dir
+
+    callback, model = cls(), AttrLayout()
+    a, b = (pl.Trainer(default_root_dir=tmp_path / n, logger=False, enable_progress_bar=False) for n in "ab")
+    callback.setup(a, model, "fit")
+    assert artifact_dir(callback, a) == tmp_path / "a" / "quantized"
+    callback.teardown(a, model, "fit")
+    assert artifact_dir(callback, b) == tmp_path / "b" / "quantized"
 
 
 def test_untraceable_forward_names_the_submodule_and_keeps_the_model(tmp_path):
