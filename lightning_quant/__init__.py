@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:  # a submodule, as `import lightning_quant; lightning_quant.config` found it before
-        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        if name.isidentifier() and not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
             return importlib.import_module(f"{__name__}.{name}")  # binds it in this namespace
         raise AttributeError(f"module 'lightning_quant' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

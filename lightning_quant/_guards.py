@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,10 @@ def check_dirpath(path: Path) -> Path:
 def artifact_dir(callback: Any, trainer: pl.Trainer) -> Path:
     """The folder ``callback`` writes to, as resolved by its ``setup`` (on every rank), checked again now.
 
-    Safe on rank 0 alone. Resolves it now if ``setup`` did not (``PTQCallback.quantize`` called outside ``fit``).
+    Safe on rank 0 alone for the trainer that ran ``setup``. Resolves it now for another trainer, or if ``setup`` did
+    not run (``PTQCallback.quantize`` called outside ``fit``).
     """
-    if callback._dirpath is None:
+    if callback._dirpath is None or callback._dirpath_trainer() is not trainer:  # another trainer: its own folder
         callback._dirpath = resolve_dirpath(callback.dirpath, trainer)
+        callback._dirpath_trainer = weakref.ref(trainer)
     return check_dirpath(callback._dirpath)

@@ -730,9 +730,10 @@ class CallNormalizer:
         self.num_args = len(args)
         self.kw_names = tuple(kwargs)
         try:  # the parameters the captured call passed; the others ran with their defaults, now baked in
-            self.passed: set[str] | None = set(self.signature.bind(*args, **kwargs).arguments)
+            bound = self.signature.bind(*args, **kwargs).arguments
         except (AttributeError, TypeError):
-            self.passed = None
+            bound = None
+        self.passed: dict[str, Any] | None = dict(bound) if bound is not None else None
         # what the graph baked in: which inputs are tensors, and the values of the others
         self.captured = [(name, None if torch.is_tensor(x) else x) for name, x in named_inputs(args, kwargs)]
         self.is_tensor = [torch.is_tensor(x) for _, x in named_inputs(args, kwargs)]
@@ -772,8 +773,25 @@ class CallNormalizer:
             return  # the graph raises its own error
         for name, value in explicit.items():
             p = self.signature.parameters[name]
-            if name in self.passed or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind == p.VAR_KEYWORD:  # `forward(x, **kw)`: keywords the capture did not pass would be dropped
+                new = sorted(set(value) - set(self.passed.get(name, {})))
+                if new:
+                    raise ValueError(
+                        f"{what} passes the keyword arguments {new}, but it was captured from a call without them "
+                        f"(they go to `**{name}`): its graph would ignore them. {_SAME_CALLS}"
+                    )
                 continue
+            if p.kind == p.VAR_POSITIONAL:
+                if len(value) > len(self.passed.get(name, ())):
+                    raise ValueError(
+                        f"{what} passes {len(value)} arguments to `*{name}`, but it was captured from a call passing "
+                        f"{len(self.passed.get(name, ()))}: its graph would ignore the others. {_SAME_CALLS}"
+                    )
+                continue
+            if name in self.passed:
+                continue
+            if isinstance(value, list) and isinstance(p.default, tuple):  # `size=[2, 2]` for the default (2, 2)
+                value = tuple(value)
             if p.default is p.empty or torch.is_tensor(value) or not _same(value, p.default):
                 raise ValueError(
                     f"{what} passes {name}={_short(value)}, but it was captured from a call that left `{name}` out: "

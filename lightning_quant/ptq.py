@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,7 @@ class PTQCallback(QuantResults, Callback):
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self._dirpath: Path | None = None  # resolved at `setup`, on every rank
+        self._dirpath_trainer: Callable[[], pl.Trainer | None] = lambda: None  # the trainer it was resolved for
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}
@@ -112,17 +115,13 @@ class PTQCallback(QuantResults, Callback):
         check_strategy(trainer, "PTQCallback")
         check_precision(trainer, "PTQCallback")
         self._dirpath = resolve_dirpath(self.dirpath, trainer)
+        self._dirpath_trainer = weakref.ref(trainer)
         if not has_validation_step(pl_module):
             raise ValueError(
                 f"PTQCallback calibrates by running `{type(pl_module).__name__}.validation_step` on calibration "
                 "batches, but it defines none. Define `validation_step`, or quantize with "
                 "`lightning_quant.quantize_ptq(...)`."
             )
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._dirpath = None  # `quantize(another_trainer)` later resolves that trainer's folder
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,7 @@ class QATCallback(QuantResults, Callback):
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self._dirpath: Path | None = None  # resolved at `setup`, on every rank
+        self._dirpath_trainer: Callable[[], pl.Trainer | None] = lambda: None  # the trainer it was resolved for
         self.export = export
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
@@ -229,6 +231,7 @@ class QATCallback(QuantResults, Callback):
                 f"({max_epochs}): QAT would never run. Lower `start_epoch` or raise `max_epochs`."
             )
         self._dirpath = resolve_dirpath(self.dirpath, trainer) if self.export else None
+        self._dirpath_trainer = weakref.ref(trainer)
         if trainer.world_size > 1 and next(pl_module.buffers(), None) is None:
             # DDP broadcasts rank 0's buffers before each forward (the observers' ranges, so every rank converts the
             # same scales), collecting them afresh each time, but only if the model had buffers when it was wrapped:
@@ -279,8 +282,6 @@ class QATCallback(QuantResults, Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._bypass.stop()  # an epoch that did not end leaves no hooks on the user's layers
         self._defer, self._pending = False, {}
-        if stage == "fit":
-            self._dirpath = None  # resolved again by the next fit's `setup`, for its trainer
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

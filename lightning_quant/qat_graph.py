@@ -168,24 +168,27 @@ def _refuse_cumulative_batch_norm(module: nn.Module, name: str, err: Exception) 
 
 
 def _refuse_batch_norm_called_twice(ep: torch.export.ExportedProgram, module: nn.Module, name: str) -> None:
-    """Refuse a conv's BatchNorm called more than once per forward in training (torchao's QAT fusion fails on it).
+    """Refuse a Conv2d's BatchNorm called more than once per forward in training (torchao's QAT fusion fails on it).
 
     A Conv-BN encoder applied to two inputs failed inside torchao: at capture on x86 ("Input partition has more than
     one output node"), at convert on arm ("Tried to erase Node add_ but it still had 1 users"), after training.
     """
     calls: dict[str, set[str]] = {}
+    after_conv2d: set[str] = set()  # Conv1d + BatchNorm1d called twice trains and converts (checked): not refused
     for node in ep.graph.nodes:
         if node.op != "call_function" or "batch_norm" not in str(node.target):
             continue
-        source = node.args[0] if node.args else None
-        if not (isinstance(source, torch.fx.Node) and "conv" in str(source.target)):
-            continue  # a BatchNorm after no conv is not fused
         stack = node.meta.get("nn_module_stack") or {}
         key, (fqn, cls) = next(reversed(stack.items()), ("", ("", None)))
-        if "BatchNorm" in str(cls):
-            calls.setdefault(fqn.partition("@")[0], set()).add(key)
+        if "BatchNorm" not in str(cls):
+            continue
+        fqn = fqn.partition("@")[0]
+        calls.setdefault(fqn, set()).add(key)  # every call: one after a conv and one elsewhere fails too
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node) and source.target == torch.ops.aten.conv2d.default:
+            after_conv2d.add(fqn)
     for fqn, keys in calls.items():
-        if len(keys) > 1:
+        if len(keys) > 1 and fqn in after_conv2d:
             layer = fqn.removeprefix("L['self'].") or name
             raise QuantizationError(
                 f"QAT cannot train {name!r} ({type(module).__name__}): its BatchNorm {layer!r} is called {len(keys)} "

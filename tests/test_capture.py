@@ -340,6 +340,28 @@ def test_an_argument_the_capture_left_out_is_refused_when_given_later(later, mat
         graph(x, **later)
 
 
+class _VarKeywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, size: tuple = (2, 2), **extra: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) * size[0]
+        return h * extra["mask"] if "mask" in extra else h
+
+
+def test_keywords_for_var_keyword_the_capture_lacked_are_refused_and_equal_defaults_pass():
+    from lightning_quant import QATGraph, QuantConfig
+
+    graph = QATGraph(_VarKeywords(), "net", QuantConfig(backend="x86")).train()
+    x = torch.randn(4, 8)
+    graph(x)
+    graph.eval()
+    graph(x, size=[2, 2])  # a list for the default tuple: the same call
+    with pytest.raises(ValueError, match=r"passes the keyword arguments \['mask'\], .* \(they go to `\*\*extra`\)"):
+        graph(x, mask=torch.zeros(4, 8))  # was dropped silently: the graph ran without it
+
+
 def test_calibration_items_called_unlike_the_first_name_the_argument():
     from lightning_quant.quantize import quantize_ptq
 

@@ -1007,3 +1007,36 @@ def test_a_conv_called_twice_folds_each_calls_batch_norm(model_cls, backend):
     with torch.no_grad():
         fake_quant = graph(*inputs)
         assert float((graph.convert()(*inputs) - fake_quant).abs().max()) < 0.05 * span
+
+
+class _Conv1dSiamese(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn(self.conv(x.flip(-1)))
+
+
+class _BatchNormAfterConvAndElsewhere(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn(x * 2)
+
+
+def test_batch_norm_called_twice_refusal_is_limited_to_what_fails():
+    """Conv1d + BatchNorm1d called twice trains and converts (it was refused); a BatchNorm called after a Conv2d and
+    once elsewhere failed inside torchao (x86 at capture, arm after training) and was let through."""
+    x = torch.randn(4, 4, 16)
+    graph = QATGraph(_Conv1dSiamese(), "self", QuantConfig(backend="x86")).train()
+    graph(x).sum().backward()
+    graph.eval()
+    with torch.no_grad():
+        want = graph(x)
+        assert float((graph.convert()(x) - want).abs().max()) < 0.05 * float(want.max() - want.min())
+    graph = QATGraph(_BatchNormAfterConvAndElsewhere(), "self", QuantConfig(backend="x86")).train()
+    with pytest.raises(QuantizationError, match=r"its BatchNorm 'bn' is called 2 times per forward"):
+        graph(torch.randn(4, 8, 8, 8))
