@@ -733,7 +733,15 @@ class CallNormalizer:
             bound = self.signature.bind(*args, **kwargs).arguments
         except (AttributeError, TypeError):
             bound = None
-        self.passed: dict[str, Any] | None = dict(bound) if bound is not None else None
+        # name -> None; for `*args` how many it took, for `**kwargs` which keys (no values: no tensors kept alive)
+        self.passed: dict[str, Any] | None = None
+        if bound is not None:
+            kinds = {n: p.kind for n, p in self.signature.parameters.items()}
+            self.passed = {
+                n: set(v) if kinds[n] == inspect.Parameter.VAR_KEYWORD else len(v)
+                if kinds[n] == inspect.Parameter.VAR_POSITIONAL else None
+                for n, v in bound.items()
+            }  # fmt: skip
         # what the graph baked in: which inputs are tensors, and the values of the others
         self.captured = [(name, None if torch.is_tensor(x) else x) for name, x in named_inputs(args, kwargs)]
         self.is_tensor = [torch.is_tensor(x) for _, x in named_inputs(args, kwargs)]
@@ -774,7 +782,7 @@ class CallNormalizer:
         for name, value in explicit.items():
             p = self.signature.parameters[name]
             if p.kind == p.VAR_KEYWORD:  # `forward(x, **kw)`: keywords the capture did not pass would be dropped
-                new = sorted(set(value) - set(self.passed.get(name, {})))
+                new = sorted(set(value) - (self.passed.get(name) or set()))
                 if new:
                     raise ValueError(
                         f"{what} passes the keyword arguments {new}, but it was captured from a call without them "
@@ -782,10 +790,10 @@ class CallNormalizer:
                     )
                 continue
             if p.kind == p.VAR_POSITIONAL:
-                if len(value) > len(self.passed.get(name, ())):
+                if len(value) > (self.passed.get(name) or 0):
                     raise ValueError(
                         f"{what} passes {len(value)} arguments to `*{name}`, but it was captured from a call passing "
-                        f"{len(self.passed.get(name, ()))}: its graph would ignore the others. {_SAME_CALLS}"
+                        f"{self.passed.get(name) or 0}: its graph would ignore the others. {_SAME_CALLS}"
                     )
                 continue
             if name in self.passed:
