@@ -128,7 +128,8 @@ def artifact_dir(callback: Any, trainer: pl.Trainer) -> Path:
     Safe on rank 0 alone for the trainer that ran ``setup``. Resolves it now for another trainer, or if ``setup`` did
     not run (``PTQCallback.quantize`` called outside ``fit``).
     """
-    if callback._dirpath is None or callback._dirpath_trainer() is not trainer:  # another trainer: its own folder
+    owner = callback._dirpath_trainer() if callback._dirpath_trainer is not None else None
+    if callback._dirpath is None or owner is not trainer:  # another trainer: its own folder
         callback._dirpath = resolve_dirpath(callback.dirpath, trainer)
         callback._dirpath_trainer = weakref.ref(trainer)
     return check_dirpath(callback._dirpath)

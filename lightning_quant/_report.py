@@ -254,6 +254,13 @@ class QuantResults:
     quantized_modules: dict[str, torch.fx.GraphModule]
     report: QuantReport | None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_targets_of", "_dirpath_trainer"):  # weak references do not pickle (ddp_spawn): set where it lands
+            if key in state:
+                state[key] = None
+        return state
+
     @property
     def quantized_model(self) -> torch.fx.GraphModule:
         """The int8 model (a ``GraphModule`` with the float submodule's call signature), after ``fit`` ends."""

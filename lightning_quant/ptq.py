@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ class PTQCallback(QuantResults, Callback):
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self._dirpath: Path | None = None  # resolved at `setup`, on every rank
-        self._dirpath_trainer: Callable[[], pl.Trainer | None] = lambda: None  # the trainer it was resolved for
+        self._dirpath_trainer: weakref.ref | None = None  # the trainer it was resolved for
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
         self.quantized_modules: dict[str, torch.fx.GraphModule] = {}

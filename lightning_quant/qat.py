@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +125,7 @@ class QATCallback(QuantResults, Callback):
         expect_output_args(dirpath, evaluate, metric_suffix)
         self.dirpath = dirpath
         self._dirpath: Path | None = None  # resolved at `setup`, on every rank
-        self._dirpath_trainer: Callable[[], pl.Trainer | None] = lambda: None  # the trainer it was resolved for
+        self._dirpath_trainer: weakref.ref | None = None  # the trainer it was resolved for
         self.export = export
         self.evaluate = evaluate
         self.metric_suffix = metric_suffix
@@ -144,11 +143,6 @@ class QATCallback(QuantResults, Callback):
         self._bypass = _BypassCounter()
 
     # ---------------------------------------------------------------------------------------------- state
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_targets_of"] = None  # a weak reference does not pickle (ddp_spawn); resolved again where it lands
-        return state
 
     def _resolve(self, pl_module: pl.LightningModule) -> tuple[str, ...]:
         """The targets in ``pl_module``, resolved once per model (one callback may serve several models in turn)."""

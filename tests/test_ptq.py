@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -635,6 +636,7 @@ def test_a_later_trainer_gets_its_own_default_folder(cls, tmp_path):
     a, b = (pl.Trainer(default_root_dir=tmp_path / n, logger=False, enable_progress_bar=False) for n in "ab")
     callback.setup(a, model, "fit")
     assert artifact_dir(callback, a) == tmp_path / "a" / "quantized"
+    pickle.loads(pickle.dumps(callback))  # ddp_spawn pickles the callbacks: the trainer is held by a weak reference
     callback.teardown(a, model, "fit")
     assert artifact_dir(callback, b) == tmp_path / "b" / "quantized"
 
