@@ -108,14 +108,15 @@ def resolve_backend(backend: Any) -> Backend:
     for b in BACKENDS.values():
         table.update({alias: b for alias in b.aliases})
     aliases = "; ".join(f"{', '.join(map(repr, b.aliases))} -> {b.name!r}" for b in BACKENDS.values())
-    key = backend.strip().lower() if isinstance(backend, str) else None
-    if key is not None and key not in table:  # the names first, then what each alias stands for (not every name twice)
+    if not isinstance(backend, str):
+        _expect_choice("backend", backend, list(table))  # raises its TypeError
+    key = backend.strip().lower()
+    if key not in table:  # the names first, then what each alias stands for (not every name twice)
         names = ", ".join(repr(name) for name in BACKENDS)
         raise ValueError(
             f"Expected argument `backend` to be {names} or an alias ({aliases}), but got {backend!r}."
             + _did_you_mean(key, list(table))
         )
-    key = _expect_choice("backend", backend, list(table))  # the TypeError for a non-string
     return table[key]
 
 

@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("onnxruntime", "onnx", "executorch", "matplotlib")
 
 
+def _run_speed(*args: str, timeout: int) -> None:
+    """``benchmarks/speed.py`` in a process of its own; fails the test with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -25,14 +34,7 @@ def _positive(value: object) -> bool:
     any(importlib.util.find_spec(m) is None for m in PEERS), reason=f"needs the bench extra ({', '.join(PEERS)})"
 )
 def test_speed_quick(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_speed("--quick", "--out", str(tmp_path), timeout=900)
     results = json.loads((tmp_path / "speed.json").read_text())
     sys.path.insert(0, str(ROOT))
     from benchmarks import speed
@@ -203,14 +205,7 @@ def test_render_judges_the_targets_again_from_the_stored_results(tmp_path):
     lat.update(x86_int8=0.5, arm_int8=0.1, ort_int8=0.2)  # the .pte runs faster than ORT, the .pt2 slower
     stored["targets"] = []
     (tmp_path / "speed.json").write_text(json.dumps(stored))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_speed("--render", "--out", str(tmp_path), timeout=300)
     by_target = {(t["target"], t["where"]): t for t in json.loads((tmp_path / "speed.json").read_text())["targets"]}
     where = f"{next(iter(stored['nets']))}, 1 thread"
     x86 = by_target[("x86 int8 at least as fast as ONNX Runtime int8, batch 1", where)]
