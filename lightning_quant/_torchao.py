@@ -578,6 +578,48 @@ def _fold_with_the_graphs_bn_eps(prepared: torch.fx.GraphModule) -> Iterator[Non
         qat_utils.fold_bn_weights_into_conv_node = original
 
 
+@contextlib.contextmanager
+def _fold_only_the_graphs_conv_kinds() -> Iterator[None]:
+    """Skip torchao's Conv+BN fold patterns for the conv kinds a QAT graph does not call.
+
+    ``convert_pt2e`` (torchao 0.18) runs its fold pass for conv1d, conv2d, conv_transpose1d and conv_transpose2d
+    whatever the graph holds; each exports 24 pattern graphs (~0.2 s apiece the first time in a process: ~15 s of a
+    first QAT convert), and a pattern can only match a call of its conv op. For a kind the graph does not call, this
+    runs what the pass does to a graph where nothing matches: its graph normalizations, no pattern exports.
+    """
+    from torch.nn import functional as F
+    from torchao.quantization.pt2e import qat_utils
+
+    aten = torch.ops.aten
+    anchors = {
+        F.conv1d: aten.conv1d.default,
+        F.conv2d: aten.conv2d.default,
+        F.conv_transpose1d: aten.conv_transpose1d.default,
+        F.conv_transpose2d: aten.conv_transpose2d.input,
+    }
+    original = qat_utils._fold_conv_bn_qat_helper
+
+    def helper(m: torch.fx.GraphModule, conv_fn: Any, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
+        anchor = anchors.get(conv_fn)
+        if anchor is None or any(n.op == "call_function" and n.target == anchor for n in m.graph.nodes):
+            return original(m, conv_fn, *args, **kwargs)
+        m.graph.eliminate_dead_code()
+        m.recompile()
+        qat_utils._duplicate_dequantize_node(m)
+        m.delete_all_unused_submodules()  # what each pattern replacement does on its way out, match or not
+        m.recompile()
+        qat_utils._remove_extra_dequantize(m)
+        m.graph.eliminate_dead_code()
+        m.recompile()
+        return m
+
+    qat_utils._fold_conv_bn_qat_helper = helper
+    try:
+        yield
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = original
+
+
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
 
@@ -625,7 +667,12 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     use_trained_qparams(prepared)
     own_attributes_per_read(prepared)  # each call of a shared conv folds its own BatchNorm
     # the lock (re-entrant) also guards the patched fold: two threads patching at once could leave it installed
-    with _PATTERN_LOCK, _fold_with_the_graphs_bn_eps(prepared), _cached_conv_bn_patterns():
+    with (
+        _PATTERN_LOCK,
+        _fold_with_the_graphs_bn_eps(prepared),
+        _fold_only_the_graphs_conv_kinds(),
+        _cached_conv_bn_patterns(),
+    ):
         return _pt2e().quantize_pt2e.convert_pt2e(prepared)
 
 

@@ -63,6 +63,8 @@ def test_speed_quick(tmp_path: Path) -> None:
         sep, same = q["separate_processes"], q["same_process"]
         assert len(sep["fp32_runs_ms"]) == len(sep["qat_runs_ms"]) == results["settings"]["qat_processes"]
         assert sep["glibc_tunables"] == ["None"]  # the baseline runs with glibc's defaults
+        if sep["big_malloc"] != ["null"]:  # glibc >= 2.33: the workers prove it, a large malloc is mmapped
+            assert [json.loads(p)["mmapped"] for p in sep["big_malloc"]] == [True]
         assert len(same["fp32_runs_ms"]) == len(same["qat_runs_ms"]) == 1
         for m in (sep, same):
             assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]) and _positive(m["ratio"]), m
@@ -179,22 +181,33 @@ def test_batch1_anatomy_reads_the_wrapper_cost_from_paired_calls(monkeypatch):
 
 
 @pytest.mark.slow
-def test_qat_step_measures_under_the_glibc_settings_it_names():
+def test_qat_step_measures_under_the_glibc_settings_it_names(monkeypatch):
     sys.path.insert(0, str(ROOT))
     from benchmarks import qat_step
 
-    # --tuned only: --hugetlb passes its setting the same way (a subset of the tuned one), and each costs ~15 s here
-    got = qat_step.measure("smallcnn", batch=2, threads=1, processes=1, repeats=1, steps=1, tuned=True)
-    assert "separate_processes_hugetlb" not in got
-    base, tuned = (got[f"separate_processes{k}"] for k in ("", "_tuned"))
-    assert base["glibc_tunables"] == ["None"]
+    # measure() adds a separate-process measurement per glibc setting asked for, each under its own environment
+    def separate(name, *, processes, env=None, **kw):
+        return {"env": env, "fp32_step_ms": 1.0, "qat_step_ms": 1.0, "ratio": 1.0}
+
+    with monkeypatch.context() as m:
+        m.setattr(qat_step, "separate_processes", separate)
+        m.setattr(qat_step, "same_process", lambda name, **kw: {})
+        kw = {"batch": 2, "threads": 1, "processes": 1, "repeats": 1, "steps": 1}
+        assert "separate_processes_tuned" not in qat_step.measure("smallcnn", **kw)
+        got = qat_step.measure("smallcnn", **kw, hugetlb=True, tuned=True)
+    assert got["separate_processes"]["env"] is None  # the baseline: glibc's defaults
+    assert got["separate_processes_hugetlb"]["env"] == qat_step.HUGETLB_ENV
+    assert got["separate_processes_tuned"]["env"] == qat_step.TUNED_ENV
+    assert qat_step.HUGETLB_ENV["GLIBC_TUNABLES"] in qat_step.TUNED_ENV["GLIBC_TUNABLES"]
+
+    # the workers run under the setting, and prove that glibc took it
+    tuned = qat_step.separate_processes(
+        "smallcnn", processes=1, env=qat_step.TUNED_ENV, batch=2, threads=1, repeats=1, steps=1
+    )
     assert tuned["glibc_tunables"] == [qat_step.TUNED_ENV["GLIBC_TUNABLES"]]
-    assert qat_step.HUGETLB_ENV["GLIBC_TUNABLES"] in tuned["glibc_tunables"][0]
-    if base["big_malloc"] != ["null"]:  # glibc >= 2.33: the workers prove what glibc did with the setting
-        assert [json.loads(p)["mmapped"] for p in base["big_malloc"]] == [True]
+    if tuned["big_malloc"] != ["null"]:  # glibc >= 2.33
         assert tuned["big_malloc"] == [json.dumps({"kept": True, "mmapped": False})]
-    for m in (base, tuned, got["same_process"]):
-        assert _positive(m["fp32_step_ms"]) and _positive(m["qat_step_ms"]), m
+    assert _positive(tuned["fp32_step_ms"]) and _positive(tuned["qat_step_ms"]), tuned
 
 
 def test_render_judges_the_targets_again_from_the_stored_results(tmp_path):

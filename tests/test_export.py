@@ -279,12 +279,32 @@ def test_artifact_is_at_most_03x_float_size(request, float_model, backend):
     assert ratio <= 0.3, f"{backend}: {art.path.stat().st_size} / {float_size_bytes(float_model)} = {ratio:.3f}x"
 
 
-def test_x86_runtime_header_overlay_applies_to_this_torch(tmp_path):
+def test_x86_runtime_header_overlay_applies_to_this_torch():
     # Part of the x86 size budget: a torch whose header no longer holds the regex builds the stock, larger runtime.
-    assert export_mod._write_regex_free_model_base(tmp_path)
-    header = (tmp_path / export_mod._MODEL_BASE_H).read_text()
-    assert "std::regex_match" not in header
-    assert "lightning-quant" in header
+    header = export_mod._regex_free_model_base()
+    assert header is not None
+    assert b"std::regex_match" not in header
+    assert b"lightning-quant" in header
+
+
+def test_x86_header_overlay_keeps_one_compile_command_for_the_precompiled_headers(tmp_path, monkeypatch):
+    # Inductor keys its precompiled headers by the compile command: an overlay folder per export rebuilt them each time
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    first = export_mod._aoti_size_configs()
+    assert first["aot_inductor.precompile_headers"] is True
+    overlay = export_mod._header_overlay()
+    assert overlay.is_relative_to(tmp_path) and f"-I{overlay}" in first["aot_inductor.compile_wrapper_opt_level"]
+    header = overlay / export_mod._MODEL_BASE_H
+    header.write_text("damaged")  # rewritten, at the same path
+    assert export_mod._aoti_size_configs() == first
+    assert header.read_bytes() == export_mod._regex_free_model_base()
+
+
+def test_x86_header_overlay_that_cannot_be_written_builds_with_the_stock_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    (tmp_path / "lightning_quant").write_text("a file where the overlay's folder goes")
+    assert export_mod._header_overlay() is None
+    assert "-I" not in export_mod._aoti_size_configs()["aot_inductor.compile_wrapper_opt_level"]
 
 
 # ------------------------------------------------------------------------------------------ load refuses

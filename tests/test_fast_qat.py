@@ -3,6 +3,7 @@ division moved onto the weight up to float rounding; convert identical."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -321,6 +322,77 @@ def test_conv_bn_patterns_exported_once_per_process(monkeypatch):
     assert all(torch.equal(v, warm.state_dict()[k]) for k, v in cold.state_dict().items())
     assert torch.equal(warm(x), cold(x))
     assert "quantize_per" in warm.code and "batch_norm" not in warm.code  # BN folded into the int8 conv
+
+
+class ConvKindsNet(nn.Module):
+    """Conv1d+BN, Conv2d+BN and ConvTranspose2d+BN (no conv_transpose1d): three of torchao's four fold passes match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4)
+        self.c2, self.b2 = nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.t2, self.b3 = nn.ConvTranspose2d(4, 3, 2, stride=2), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.b1(self.c1(x.flatten(2)[..., :16])).relu().mean()
+        return self.b3(self.t2(self.b2(self.c2(x)).relu())).relu() + a
+
+
+class LinearBNNet(nn.Module):
+    """A BatchNorm and no conv at all: every fold pass runs without a match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.fc(x)).relu())
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "shape"),
+    [(ConvKindsNet, (8, 2, 6, 6)), (LinearBNNet, (8, 8))],
+)
+def test_convert_skips_only_the_fold_passes_of_absent_conv_kinds(model_cls, shape, monkeypatch):
+    """The skipped passes export no pattern graphs, and the int8 model is torchao's own, node for node."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    g = QATGraph(model_cls().train(), "model", QuantConfig(backend="x86")).train()
+    for _ in range(3):
+        g(torch.randn(shape))
+    from torchao.quantization.pt2e import qat_utils
+
+    passes = []
+    real_helper = qat_utils._fold_conv_bn_qat_helper
+    monkeypatch.setattr(
+        qat_utils, "_fold_conv_bn_qat_helper", lambda m, fn, *a, **k: passes.append(fn) or real_helper(m, fn, *a, **k)
+    )
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    _torchao._PATTERN_CACHE.clear()
+    ours = g.convert()
+    n_ours = len(exports)
+    present = {
+        ConvKindsNet: [F.conv1d, F.conv2d, F.conv_transpose2d],
+        LinearBNNet: [],
+    }[model_cls]
+    assert passes == present  # torchao's fold pass ran for the conv kinds the graph calls, and only those
+
+    monkeypatch.setattr(_torchao, "_fold_only_the_graphs_conv_kinds", contextlib.nullcontext)  # torchao's own passes
+    exports.clear()  # the cache holds the present kinds' patterns: only the skipped passes' ones are exported now
+    passes.clear()
+    stock = g.convert()
+    assert passes == [F.conv1d, F.conv2d, F.conv_transpose1d, F.conv_transpose2d]
+    assert n_ours == len(present) * 24 and len(exports) == (4 - len(present)) * 24  # 12 pattern/replacement pairs
+    assert ours.code == stock.code
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert all(torch.equal(v, stock.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert [n.name for n in ours.graph.nodes] == [n.name for n in stock.graph.nodes]
+    assert {n for n, _ in ours.named_modules()} == {n for n, _ in stock.named_modules()}
+    assert torch.equal(ours(x), stock(x))
+    if model_cls is ConvKindsNet:  # folded into its conv: the BatchNorms after conv1d and conv2d
+        assert "b1_running_mean" not in ours.code and "b2_running_mean" not in ours.code
 
 
 def test_pattern_cache_key_only_for_plain_closures():
