@@ -349,50 +349,53 @@ class LinearBNNet(nn.Module):
         return self.head(self.bn(self.fc(x)).relu())
 
 
-@pytest.mark.parametrize(
-    ("model_cls", "shape"),
-    [(ConvKindsNet, (8, 2, 6, 6)), (LinearBNNet, (8, 8))],
-)
-def test_convert_skips_only_the_fold_passes_of_absent_conv_kinds(model_cls, shape, monkeypatch):
-    """The skipped passes export no pattern graphs, and the int8 model is torchao's own, node for node."""
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    g = QATGraph(model_cls().train(), "model", QuantConfig(backend="x86")).train()
+def _trained_qat_graph(model: nn.Module, shape: tuple[int, ...]) -> QATGraph:
+    g = QATGraph(model.train(), "model", QuantConfig(backend="x86")).train()
     for _ in range(3):
         g(torch.randn(shape))
+    return g
+
+
+def test_convert_skips_only_the_fold_passes_of_absent_conv_kinds(monkeypatch):
+    """The skipped passes export no pattern graphs, and the int8 model is torchao's own, node for node."""
     from torchao.quantization.pt2e import qat_utils
 
-    passes = []
-    real_helper = qat_utils._fold_conv_bn_qat_helper
+    torch.manual_seed(0)
+    passes, exports = [], []
+    real_helper, real_export = qat_utils._fold_conv_bn_qat_helper, torch.export.export
     monkeypatch.setattr(
         qat_utils, "_fold_conv_bn_qat_helper", lambda m, fn, *a, **k: passes.append(fn) or real_helper(m, fn, *a, **k)
     )
-    exports = []
-    real_export = torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    every = [F.conv1d, F.conv2d, F.conv_transpose1d, F.conv_transpose2d]
     _torchao._PATTERN_CACHE.clear()
-    ours = g.convert()
-    n_ours = len(exports)
-    present = {
-        ConvKindsNet: [F.conv1d, F.conv2d, F.conv_transpose2d],
-        LinearBNNet: [],
-    }[model_cls]
-    assert passes == present  # torchao's fold pass ran for the conv kinds the graph calls, and only those
+    # the second model's stock convert finds every pattern in the cache the first one filled
+    for model_cls, shape, present, stock_exports in (
+        (ConvKindsNet, (8, 2, 6, 6), [F.conv1d, F.conv2d, F.conv_transpose2d], 24),
+        (LinearBNNet, (8, 8), [], 0),
+    ):
+        g = _trained_qat_graph(model_cls(), shape)
+        passes.clear()
+        exports.clear()
+        ours = g.convert()
+        assert passes == present, model_cls  # torchao's fold pass ran for the conv kinds the graph calls, only those
+        assert len(exports) == len(present) * 24  # 12 pattern/replacement pairs per pass, none for the skipped ones
 
-    monkeypatch.setattr(_torchao, "_fold_only_the_graphs_conv_kinds", contextlib.nullcontext)  # torchao's own passes
-    exports.clear()  # the cache holds the present kinds' patterns: only the skipped passes' ones are exported now
-    passes.clear()
-    stock = g.convert()
-    assert passes == [F.conv1d, F.conv2d, F.conv_transpose1d, F.conv_transpose2d]
-    assert n_ours == len(present) * 24 and len(exports) == (4 - len(present)) * 24  # 12 pattern/replacement pairs
-    assert ours.code == stock.code
-    assert list(ours.state_dict()) == list(stock.state_dict())
-    assert all(torch.equal(v, stock.state_dict()[k]) for k, v in ours.state_dict().items())
-    assert [n.name for n in ours.graph.nodes] == [n.name for n in stock.graph.nodes]
-    assert {n for n, _ in ours.named_modules()} == {n for n, _ in stock.named_modules()}
-    assert torch.equal(ours(x), stock(x))
-    if model_cls is ConvKindsNet:  # folded into its conv: the BatchNorms after conv1d and conv2d
-        assert "b1_running_mean" not in ours.code and "b2_running_mean" not in ours.code
+        with monkeypatch.context() as m:
+            m.setattr(_torchao, "_fold_only_the_graphs_conv_kinds", contextlib.nullcontext)  # torchao's own passes
+            passes.clear()
+            exports.clear()
+            stock = g.convert()
+        assert passes == every and len(exports) == stock_exports
+        assert ours.code == stock.code
+        assert list(ours.state_dict()) == list(stock.state_dict())
+        assert all(torch.equal(v, stock.state_dict()[k]) for k, v in ours.state_dict().items())
+        assert [n.name for n in ours.graph.nodes] == [n.name for n in stock.graph.nodes]
+        assert {n for n, _ in ours.named_modules()} == {n for n, _ in stock.named_modules()}
+        x = torch.randn(shape)
+        assert torch.equal(ours(x), stock(x))
+        if model_cls is ConvKindsNet:  # folded: the BatchNorms after conv1d and conv2d (torchao keeps conv_transpose's)
+            assert "b1_running_mean" not in ours.code and "b2_running_mean" not in ours.code
 
 
 def test_pattern_cache_key_only_for_plain_closures():
