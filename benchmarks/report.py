@@ -4,8 +4,8 @@
     python benchmarks/report.py --check  # exit 1 if README.md is out of date
 
 Each section is the markdown a benchmark rendered from its JSON (``benchmarks/results/<name>.md``, written by
-``benchmarks/<name>.py``) with its headings moved under the README's section, placed between
-``<!-- results:<name> -->`` and ``<!-- /results:<name> -->`` in README.md.
+``benchmarks/<name>.py``; runs on another machine under ``benchmarks/results/<machine>/``) with its headings moved
+under the README's section, placed between ``<!-- results:<name> -->`` and ``<!-- /results:<name> -->`` in README.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("accuracy", "speed", "allocator")
+#: README section -> (its markdown under benchmarks/results/, the level of its highest heading in the README)
+SECTIONS = {
+    "accuracy": ("accuracy.md", 3),
+    "speed": ("speed.md", 3),
+    "speed-xeon-amx": ("xeon-amx/speed.md", 4),  # the same benchmark on a second machine, under its own heading
+    "allocator": ("allocator.md", 3),
+}
 
 
 def demote_headings(body: str, top: int = 3) -> str:
@@ -38,8 +44,8 @@ def splice(readme: str, name: str, body: str) -> str:
 
 
 def render(readme: str, results: Path = ROOT / "benchmarks" / "results") -> str:
-    for name in SECTIONS:
-        readme = splice(readme, name, demote_headings((results / f"{name}.md").read_text()))
+    for name, (file, top) in SECTIONS.items():
+        readme = splice(readme, name, demote_headings((results / file).read_text(), top))
     return readme
 
 

@@ -254,6 +254,28 @@ def _compact_aoti_package(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------- saving
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread, then restore the caller's count (also on error).
+
+    Inductor prepacks each int8 weight (``onednn.qconv_prepack``, at freezing) into the blocked layout oneDNN picks for
+    the exporting process's thread count, with the batch unknown. oneDNN's convolutions choose their weight layout by
+    thread count and problem size, and PyTorch's int8 conv reorders a weight laid out otherwise on every call. With
+    AMX (4th-generation Xeon and later) some of those reorders take a slow generic path: EfficientNet-Lite0 exported
+    with 2 threads and run with 1 spent 42 of its 46 ms per batch-1 call reordering four 1x1 conv weights (2.6 ms
+    without). Prepacked for one thread (the largest blocks, which oneDNN also picks wherever each thread has enough
+    work), the layout no longer depends on the exporting process's thread count, and matched what oneDNN chose at
+    batch 32 with 1 to 16 threads and at batch 1 with 1 thread (README, "Known limitations").
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+
 def _contiguous(x: Any) -> Any:
     return x.contiguous() if isinstance(x, torch.Tensor) else x
 
@@ -429,7 +451,7 @@ def save(quantized: torch.fx.GraphModule, path: str | os.PathLike, *, metadata: 
     with atomic_path(path) as tmp:
         if backend.name == "x86":
             # Inductor freezes (and so prepacks int8 weights) only with grad off
-            with torch.no_grad(), _compiler_errors("x86", info["name"]):
+            with torch.no_grad(), _compiler_errors("x86", info["name"]), _one_thread():
                 configs = {"freezing": True, **_aoti_size_configs()}
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
             _compact_aoti_package(tmp)

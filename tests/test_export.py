@@ -300,6 +300,28 @@ def test_x86_header_overlay_keeps_one_compile_command_for_the_precompiled_header
     assert header.read_bytes() == export_mod._regex_free_model_base()
 
 
+def test_x86_weights_are_prepacked_under_one_thread_whatever_the_exporting_process_uses(tiny_q, tmp_path, monkeypatch):
+    # oneDNN lays prepacked int8 weights out for the thread count at freezing; a layout for another count is reordered
+    # on every call (42 of 46 ms per batch-1 call of EfficientNet-Lite0 on an AMX Xeon). Export fixes it at one thread.
+    seen = []
+
+    def compile_and_package(*args, **kwargs):
+        seen.append((torch.get_num_threads(), torch.is_grad_enabled()))
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with pytest.raises(lightning_quant.ExportError, match="stop before compiling"):
+            save(tiny_q, tmp_path / "m.pt2")
+        assert seen == [(1, False)]
+        assert torch.get_num_threads() == 3  # the caller's count is back, also after a failed compile
+    finally:
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.iterdir())
+
+
 def test_x86_header_overlay_that_cannot_be_written_builds_with_the_stock_header(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     (tmp_path / "lightning_quant").write_text("a file where the overlay's folder goes")
