@@ -275,7 +275,6 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-
 def _contiguous(x: Any) -> Any:
     return x.contiguous() if isinstance(x, torch.Tensor) else x
 
