@@ -262,10 +262,10 @@ def _one_thread() -> Iterator[None]:
     the exporting process's thread count, with the batch unknown. oneDNN's convolutions choose their weight layout by
     thread count and problem size, and PyTorch's int8 conv reorders a weight laid out otherwise on every call. With
     AMX (4th-generation Xeon and later) some of those reorders take a slow generic path: EfficientNet-Lite0 exported
-    with 2 threads and run with 1 spent 42 of its 46 ms per batch-1 call reordering four 1x1 conv weights (2.6 ms
-    without). Prepacked for one thread (the largest blocks, which oneDNN also picks wherever each thread has enough
-    work), the layout no longer depends on the exporting process's thread count, and matched what oneDNN chose at
-    batch 32 with 1 to 16 threads and at batch 1 with 1 thread (README, "Known limitations").
+    with 2 threads and run with 1 spent 42 ms of each 47 ms batch-1 call reordering four 1x1 conv weights (5.2 ms per
+    call prepacked under one thread). Prepacked for one thread (the largest blocks, which oneDNN also picks wherever
+    each thread has enough work), the layout no longer depends on the exporting process's thread count, and matched
+    what oneDNN chose at batch 32 with 1 to 16 threads and at batch 1 with 1 thread (README, "Known limitations").
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -322,6 +322,46 @@ def test_x86_weights_are_prepacked_under_one_thread_whatever_the_exporting_proce
     assert not list(tmp_path.iterdir())
 
 
+def _has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+_COUNT_REORDERS = """
+import sys, torch, lightning_quant
+art = lightning_quant.load(sys.argv[1])
+torch.set_num_threads(1)
+x = torch.randn(1, 1152, 7, 7)
+art(x)
+print("=== one call", flush=True)
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+    art(x)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_amx(), reason="oneDNN's thread-dependent int8 weight layouts were seen with AMX only")
+def test_x86_artifact_exported_with_two_threads_runs_one_thread_without_reordering_its_weights(tmp_path):
+    # EfficientNet-Lite0's 1x1 convs between 1152 and 192 channels at 7x7: prepacked under the exporting process's 2
+    # threads, each batch-1 call with 1 thread reordered both weights (a slow generic reorder between AMX layouts)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1152, 192, 1), nn.ReLU(), nn.Conv2d(192, 1152, 1), nn.ReLU()).eval()
+    q = quantize_ptq(net, [torch.randn(4, 1152, 7, 7)], num_calibration_samples=4, max_batch_size=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        save(q, tmp_path / "m.pt2")
+    finally:
+        torch.set_num_threads(threads)
+    run = subprocess.run(
+        [sys.executable, "-c", _COUNT_REORDERS, str(tmp_path / "m.pt2")], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    executed = [line for line in run.stdout.split("=== one call", 1)[1].splitlines() if ",exec," in line]
+    assert sum(",convolution," in line for line in executed) == 2
+    assert [line for line in executed if ",reorder," in line] == []
+
+
 def test_x86_header_overlay_that_cannot_be_written_builds_with_the_stock_header(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     (tmp_path / "lightning_quant").write_text("a file where the overlay's folder goes")
